@@ -1,0 +1,1 @@
+"""lipdet.eval: clean mAP, PGD / Square attacks and certificates measured on deployed artifacts."""

@@ -1,0 +1,145 @@
+"""Artifact formats shared by every stage: training checkpoints and the model card.
+
+A checkpoint (``model.pt``) is a plain dict that ``torch.load(..., weights_only=True)`` accepts::
+
+    {"format": "lipdet-checkpoint", "version": 1, "lipdet_version": "...",
+     "config": ModelConfig.to_dict(), "state_dict": {...}, "meta": {...}}
+
+``meta`` holds JSON-able facts about the run (dataset root, epoch, metrics). Training resumption
+state (optimizer, scheduler) lives in Ray Train's own checkpoints, not here.
+
+The model card is one JSON object that travels with every exported model (inside the ONNX file's
+``metadata_props`` under :data:`CARD_KEY`), so a deployed artifact alone says what it is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lipdet
+from lipdet.errors import LipdetError
+from lipdet.io import atomic_path
+from lipdet.models.config import CLASS_NAMES, ModelConfig
+
+CHECKPOINT_FORMAT = "lipdet-checkpoint"
+CARD_KEY = "lipdet"
+CARD_FORMAT = "lipdet-model-card"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded lipdet checkpoint."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dict(model: nn.Module, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict for ``model`` (which must carry ``.config``)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "lipdet_version": lipdet.__version__,
+        "config": model.config.to_dict(),
+        "state_dict": state,
+        "meta": dict(meta or {}),
+    }
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a lipdet checkpoint, atomically (temp file, then rename)."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(checkpoint_dict(model, meta), buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a lipdet checkpoint with ``weights_only=True``; any problem is a one-line LipdetError."""
+    path = Path(path)
+    if not path.is_file():
+        raise LipdetError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise LipdetError(f"{path}: refused to load (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise LipdetError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise LipdetError(f"{path}: not a lipdet checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    try:
+        cfg = ModelConfig.from_dict(obj["config"])
+        state = obj["state_dict"]
+    except (KeyError, TypeError) as e:
+        raise LipdetError(f"{path}: lipdet checkpoint is missing {e}") from None
+    return Checkpoint(config=cfg, state_dict=state, meta=dict(obj.get("meta") or {}))
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild the model stored in a checkpoint, in eval mode on the CPU."""
+    from lipdet.models import build_from_config
+
+    ckpt = load_checkpoint(path)
+    model = build_from_config(ckpt.config)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as e:
+        raise LipdetError(f"{path}: weights do not match the recorded {ckpt.config.arch} architecture") from e
+    model.eval()
+    model.checkpoint_meta = ckpt.meta  # type: ignore[attr-defined]
+    return model
+
+
+def make_card(model: nn.Module, **fields: Any) -> dict[str, Any]:
+    """The model card of ``model``: its config, input contract, classes and priors, plus ``fields``.
+
+    Export adds ``lipschitz`` (per-head bounds), ``source`` (checkpoint path and sha256),
+    ``precision``, ``data`` (the dataset it was trained on) and ``postprocess`` thresholds.
+    """
+    cfg: ModelConfig = model.config
+    card: dict[str, Any] = {
+        "format": CARD_FORMAT,
+        "version": 1,
+        "lipdet_version": lipdet.__version__,
+        "model": cfg.to_dict(),
+        "input": {
+            "name": "images",
+            "shape": ["N", 3, cfg.input_size, cfg.input_size],
+            "range": [0.0, 1.0],
+            "normalisation": "x - 0.5, inside the graph",
+        },
+        "outputs": {"loc": "N x P x 4 SSD offsets", "logits": "N x P x C class logits (0 = background)"},
+        "class_names": list(CLASS_NAMES),
+        "priors": model.prior_spec.to_dict(),
+        "variances": [0.1, 0.2],
+    }
+    card.update(fields)
+    return card
+
+
+def card_to_json(card: dict[str, Any]) -> str:
+    return json.dumps(card, sort_keys=True)
+
+
+def card_from_json(text: str, source: str = "model") -> dict[str, Any]:
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError:
+        raise LipdetError(f"{source}: lipdet model card is not valid JSON") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise LipdetError(f"{source}: metadata is not a lipdet model card")
+    return card

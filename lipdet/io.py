@@ -1,0 +1,65 @@
+"""Small file helpers shared by every stage: atomic writes and content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lipdet.errors import LipdetError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary file keeps ``path``'s suffix (so libraries that look at the extension still
+    work). If the body raises, the temporary file is removed and ``path`` is left untouched, so a
+    failed write never leaves a half-written artifact behind.
+    """
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise LipdetError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise LipdetError(f"output folder is not writable: {parent}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """lipdet's cache folder: ``$LIPDET_CACHE`` or ``~/.cache/lipdet`` (created on demand)."""
+    root = Path(os.environ.get("LIPDET_CACHE") or Path.home() / ".cache" / "lipdet")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

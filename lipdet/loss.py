@@ -1,0 +1,88 @@
+"""SSD MultiBox loss: prior matching, smooth-L1 localisation and hard-negative-mined cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from lipdet.boxes import cxcywh_to_xyxy, encode
+
+
+def match_targets(
+    targets: Sequence[dict[str, Tensor]],
+    priors: Tensor,
+    input_size: int,
+    iou_threshold: float = 0.5,
+) -> tuple[Tensor, Tensor]:
+    """Assign ground truth to priors, SSD style.
+
+    Each prior takes the ground-truth box it overlaps most if that IoU is >= ``iou_threshold``;
+    every ground-truth box also claims its best prior, so no object goes unmatched.
+
+    Args:
+        targets: per image, ``boxes (K, 4)`` xyxy in input pixels and ``labels (K,)`` digits 0-9.
+        priors: ``(P, 4)`` normalised ``(cx, cy, w, h)``.
+        input_size: input side in pixels (boxes are divided by it).
+
+    Returns:
+        ``loc_t (N, P, 4)`` encoded offsets and ``cls_t (N, P)`` class indices (0 = background,
+        ``d + 1`` = digit ``d``).
+    """
+    p_xyxy = cxcywh_to_xyxy(priors)
+    n, p = len(targets), priors.shape[0]
+    loc_t = torch.zeros(n, p, 4, device=priors.device)
+    cls_t = torch.zeros(n, p, dtype=torch.long, device=priors.device)
+    for i, t in enumerate(targets):
+        boxes = t["boxes"].to(priors.device, torch.float32) / input_size
+        labels = t["labels"].to(priors.device)
+        if boxes.numel() == 0:
+            continue
+        iou = box_iou(boxes, p_xyxy)  # (K, P)
+        best_gt_iou, best_gt = iou.max(dim=0)  # per prior
+        best_prior = iou.argmax(dim=1)  # per ground truth
+        best_gt_iou[best_prior] = 2.0
+        best_gt[best_prior] = torch.arange(boxes.shape[0], device=priors.device)
+        cls = labels[best_gt] + 1
+        cls[best_gt_iou < iou_threshold] = 0
+        cls_t[i] = cls
+        loc_t[i] = encode(boxes[best_gt], priors)
+    return loc_t, cls_t
+
+
+class MultiBoxLoss(nn.Module):
+    """SSD loss: ``cls + alpha * loc``, both divided by the number of matched priors.
+
+    Classification uses cross-entropy on all positives and the hardest negatives, at most
+    ``neg_pos_ratio`` negatives per positive (hard negative mining, 3:1 by default).
+    """
+
+    def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3) -> None:
+        super().__init__()
+        self.register_buffer("priors", priors.clone(), persistent=False)
+        self.input_size = input_size
+        self.alpha = alpha
+        self.neg_pos_ratio = neg_pos_ratio
+
+    def forward(self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`.
+
+        Returns ``{"loss", "loc", "cls"}`` scalars.
+        """
+        loc, logits = loc.float(), logits.float()
+        loc_t, cls_t = match_targets(targets, self.priors.to(loc.device), self.input_size)
+        pos = cls_t > 0
+        num_pos = pos.sum().clamp_min(1).float()
+        loc_loss = F.smooth_l1_loss(loc[pos], loc_t[pos], reduction="sum") / num_pos
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cls_t.reshape(-1), reduction="none").view_as(cls_t)
+        # Hard negative mining: rank negatives by their loss, keep the top ratio * positives per image.
+        neg_loss = ce.detach().masked_fill(pos, 0.0)
+        rank = neg_loss.argsort(dim=1, descending=True).argsort(dim=1)
+        num_neg = (self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)).clamp_max(pos.shape[1] - 1)
+        num_neg = num_neg.clamp_min(self.neg_pos_ratio)  # images with no object still learn background
+        neg = rank < num_neg
+        cls_loss = ce[pos | neg].sum() / num_pos
+        return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}

@@ -1,0 +1,59 @@
+"""Detection accuracy: COCO-style mAP through torchmetrics (``faster_coco_eval`` backend).
+
+Boxes are xyxy in the same pixel frame for predictions and targets. Headline is ``map_50``
+(the seed's numbers are mAP at IoU 0.5); ``map`` is COCO's 0.5:0.95 average.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class DetectionMAP:
+    """Accumulates detections and ground truth, then computes mAP.
+
+    ``update(preds, targets)``: ``preds`` per image ``{"boxes" (D,4), "scores" (D,), "labels" (D,)}``,
+    ``targets`` per image ``{"boxes" (K,4), "labels" (K,)}`` (labels are digits 0-9).
+    """
+
+    def __init__(self, class_metrics: bool = False) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self._metric = MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=class_metrics
+        )
+        self.class_metrics = class_metrics
+
+    def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
+        p = [{k: d[k].detach().float().cpu() if k != "labels" else d[k].detach().long().cpu() for k in ("boxes", "scores", "labels")} for d in preds]
+        t = [{"boxes": d["boxes"].detach().float().cpu(), "labels": d["labels"].detach().long().cpu()} for d in targets]
+        self._metric.update(p, t)
+
+    def compute(self) -> dict[str, float | dict[str, float]]:
+        """Returns ``{"map_50", "map", "map_75"}`` in [0, 1] (and ``"per_class": {digit: map_50}``)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = self._metric.compute()
+        out: dict[str, float | dict[str, float]] = {
+            "map_50": _clean(r["map_50"]),
+            "map": _clean(r["map"]),
+            "map_75": _clean(r["map_75"]),
+        }
+        if self.class_metrics and "classes" in r:
+            classes = torch.atleast_1d(r["classes"]).tolist()
+            per = torch.atleast_1d(r["map_per_class"]).tolist()
+            out["per_class_map"] = {str(int(c)): _clean(torch.tensor(v)) for c, v in zip(classes, per)}
+        return out
+
+    def reset(self) -> None:
+        self._metric.reset()
+
+
+def _clean(v: Tensor) -> float:
+    """torchmetrics reports -1 when there is nothing to score; report 0 instead."""
+    x = float(v)
+    return 0.0 if x < 0 else x

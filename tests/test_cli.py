@@ -1,0 +1,43 @@
+"""The top-level CLI: help, version, and that every command documents an example."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import lipdet
+from lipdet.cli import app
+
+runner = CliRunner()
+COMMANDS = ["train", "export", "eval", "lipschitz", "data"]
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and lipdet.__version__ in r.output
+
+
+def test_help_lists_every_stage():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in COMMANDS:
+        assert cmd in r.output
+
+
+@pytest.mark.parametrize("cmd", ["train", "export", "eval", "lipschitz"])
+def test_each_command_has_help_with_an_example(cmd):
+    r = runner.invoke(app, [cmd, "--help"])
+    assert r.exit_code == 0, r.output
+    assert f"lipdet {cmd}" in r.output  # an example invocation
+
+
+def test_console_script_reports_errors_in_one_line(tmp_path):
+    """Through the real entry point: a user error is one line on stderr and exit 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lipdet.cli", "lipschitz", str(tmp_path / "nope.pt")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,69 @@
+import torch
+
+from lipdet.boxes import PriorSpec, encode, make_priors
+from lipdet.loss import MultiBoxLoss, match_targets
+from lipdet.postprocess import PostprocessConfig, postprocess
+
+S = 74
+
+
+def _target():
+    return {"boxes": torch.tensor([[10.0, 12.0, 24.0, 40.0], [30.0, 10.0, 46.0, 44.0]]), "labels": torch.tensor([3, 0])}
+
+
+def test_every_ground_truth_gets_a_prior():
+    priors = make_priors(PriorSpec())
+    loc_t, cls_t = match_targets([_target()], priors, S)
+    assert set(cls_t[0].unique().tolist()) == {0, 1, 4}  # background, digit 0 -> 1, digit 3 -> 4
+    assert (cls_t[0] == 1).sum() >= 1 and (cls_t[0] == 4).sum() >= 1
+
+
+def test_loss_decreases_on_tiny_overfit_batch():
+    torch.manual_seed(0)
+    priors = make_priors(PriorSpec())
+    loc = torch.zeros(1, priors.shape[0], 4, requires_grad=True)
+    logits = torch.zeros(1, priors.shape[0], 11, requires_grad=True)
+    crit = MultiBoxLoss(priors, S)
+    opt = torch.optim.Adam([loc, logits], lr=0.1)
+    first = None
+    for _ in range(150):
+        out = crit(loc, logits, [_target()])
+        first = first if first is not None else out["loss"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < 0.25 * first
+    assert set(out) == {"loss", "loc", "cls"}
+
+
+def test_postprocess_on_hand_made_score_maps():
+    priors = make_priors(PriorSpec())
+    p = priors.shape[0]
+    logits = torch.full((1, p, 11), -10.0)
+    logits[..., 0] = 10.0  # background everywhere
+    want = torch.tensor([[0.2, 0.1, 0.4, 0.6], [0.5, 0.2, 0.8, 0.7]])
+    loc = torch.zeros(1, p, 4)
+    from lipdet.boxes import cxcywh_to_xyxy
+    from torchvision.ops import box_iou
+
+    for box, digit in zip(want, (7, 2)):
+        iou = box_iou(box[None], cxcywh_to_xyxy(priors))[0]
+        best = iou.topk(3).indices  # three overlapping priors predict the same object
+        logits[0, best, 0] = -10.0
+        logits[0, best, digit + 1] = 10.0
+        loc[0, best] = encode(box.expand(3, 4), priors[best])
+    dets = postprocess(loc, logits, priors, S, PostprocessConfig())[0]
+    assert dets["labels"].tolist() in ([7, 2], [2, 7])
+    order = dets["labels"].argsort(descending=True)
+    torch.testing.assert_close(dets["boxes"][order], want * S, atol=1e-3, rtol=1e-4)
+    assert (dets["scores"] > 0.99).all()
+
+
+def test_postprocess_threshold_and_top_k():
+    priors = make_priors(PriorSpec())
+    logits = torch.randn(2, priors.shape[0], 11)
+    dets = postprocess(torch.zeros(2, priors.shape[0], 4), logits, priors, S, PostprocessConfig(0.05, 0.3, 5))
+    for d in dets:
+        assert len(d["boxes"]) <= 5
+        assert (d["scores"] > 0.05).all()
+        assert (d["boxes"] >= 0).all() and (d["boxes"] <= S).all()
