@@ -1,0 +1,208 @@
+"""Network-level Lipschitz analysis: operator norms against dense SVDs, whole-network bounds measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lipdet.models import build_model, fold_model
+from lipdet.models.layers import NormConv2d
+from lipdet.models.lipschitz import (
+    LayerBound,
+    conv_operator_norm,
+    empirical_lipschitz,
+    head_bounds,
+    layer_table,
+    plot_bounds,
+)
+
+FEW = settings(max_examples=4, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dense_conv_norm(weight: torch.Tensor, hw: int, stride: int, padding: int) -> float:
+    """Largest singular value of the conv's explicit matrix, built column by column from basis vectors."""
+    w = weight.detach().double()
+    n = w.shape[1] * hw * hw
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, w.shape[1], hw, hw)
+    cols = F.conv2d(basis, w, stride=stride, padding=padding).reshape(n, -1)  # row i = A e_i
+    return float(torch.linalg.matrix_norm(cols.T, ord=2))
+
+
+@FEW
+@given(cin=st.integers(1, 4), cout=st.integers(1, 5), k=st.sampled_from([1, 3, 5]), hw=st.integers(3, 8),
+       stride=st.sampled_from([1, 2]), seed=st.integers(0, 10_000))
+def test_conv_operator_norm_matches_dense_svd(cin, cout, k, hw, stride, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, k, k, generator=g)
+    pad = k // 2
+    exact = dense_conv_norm(w, hw, stride, pad)
+    assert conv_operator_norm(w, (hw, hw), stride, pad) == pytest.approx(exact, rel=1e-5)
+    # the reshaped-kernel norm is a different number in general (what torch's spectral_norm uses)
+    assert float(torch.linalg.matrix_norm(w.reshape(cout, -1).double(), 2)) >= 0.0
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_spectral_conv_and_its_fold_are_1_lipschitz_by_dense_svd(stride):
+    torch.manual_seed(stride)
+    conv = NormConv2d(3, 5, "spectral", (7, 7), stride=stride).eval()
+    # the bound the layer reports equals an independent dense SVD of the normalised operator
+    dense = dense_conv_norm(conv.effective_weight(), 7, stride, conv.padding)
+    assert conv.lipschitz_bound() == pytest.approx(dense, rel=1e-5)
+    assert dense == pytest.approx(1.0, abs=TOL)
+    folded = conv.fold()
+    dense_folded = dense_conv_norm(folded.conv.weight, 7, stride, int(folded.conv.padding[0]))
+    assert dense_folded <= 1.0 + TOL
+    assert folded.lipschitz_bound() == pytest.approx(dense_folded, rel=1e-5)
+    # the reshaped-kernel norm would NOT give a 1-Lipschitz layer
+    w = conv.weight.detach().double()
+    naive = w / torch.linalg.matrix_norm(w.reshape(5, -1), 2)
+    assert dense_conv_norm(naive, 7, stride, 1) > 1.0 + 1e-2
+
+
+def _scale_fns(model):
+    """Per-scale functions image -> that scale's loc / cls head output."""
+    fns = []
+    for i, size in enumerate(model.prior_spec.feature_sizes):
+        fns.append((size, "loc", lambda x, i=i: model.head_maps(x)[0][i]))
+        fns.append((size, "cls", lambda x, i=i: model.head_maps(x)[1][i]))
+    return fns
+
+
+@pytest.mark.parametrize("input_size,width", [(74, 0.125)])
+def test_sll_spectral_network_is_1_lipschitz_per_head(input_size, width):
+    torch.manual_seed(0)
+    model = build_model("sll-spectral", width=width, input_size=input_size)
+    with torch.no_grad():  # move away from the init so the blocks are not near-identity
+        for name, p in model.named_parameters():
+            if name.endswith("q_param"):
+                p.normal_()
+            elif name.endswith("bias"):
+                p.normal_(std=0.3)
+    model.eval()
+    table = layer_table(model)
+    heads = head_bounds(model, table)
+    assert heads["loc"] <= 1 + TOL and heads["cls"] <= 1 + TOL
+    x = torch.rand(1, 3, input_size, input_size)
+    for size, key, fn in _scale_fns(model):
+        measured = empirical_lipschitz(fn, x, power_iters=6, ascent_steps=3, pairs=1)
+        assert measured <= 1 + TOL, (size, key, measured)
+    folded = fold_model(model)
+    fheads = head_bounds(folded)
+    assert fheads["loc"] <= 1 + TOL and fheads["cls"] <= 1 + TOL
+    for size, key, fn in _scale_fns(folded)[:2]:
+        assert empirical_lipschitz(fn, x, power_iters=8, ascent_steps=0, pairs=2) <= 1 + TOL
+
+
+@pytest.mark.parametrize("arch", ["naive", "sll-l2", "sll-standard"])
+def test_reported_bounds_hold_for_unconstrained_archs(arch):
+    torch.manual_seed(1)
+    model = build_model(arch, width=0.125, input_size=34)
+    if arch == "naive":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_var.uniform_(0.2, 1.5)
+                    m.running_mean.normal_(std=0.1)
+    model.eval()
+    heads = head_bounds(model)
+    x = torch.rand(1, 3, 34, 34)
+    for (size, key, fn), scale in zip(_scale_fns(model), [p for p in heads["per_scale"] for _ in (0, 1)]):
+        measured = empirical_lipschitz(fn, x, power_iters=5, ascent_steps=2, pairs=1)
+        assert measured <= scale[key] * (1 + TOL), (size, key, measured, scale[key])
+    # per-scale bounds and the certificate bounds agree
+    assert heads["cls"] == max(p["cls"] for p in heads["per_scale"])
+    assert [p["feature_size"] for p in heads["per_scale"]] == [8, 4, 2, 1]
+
+
+def test_table_is_in_forward_order_with_cumulative_products():
+    model = build_model("sll-l2", width=0.125, input_size=34).eval()
+    table = layer_table(model)
+    assert [r.name for r in table] == list(model.trunk.keys())
+    cum = 1.0
+    for r in table:
+        cum *= r.norm
+        assert r.cumulative == pytest.approx(cum)
+    kinds = {r.kind for r in table}
+    assert {"conv-l2", "sll", "maxpool", "channel-pad"} <= kinds
+    # folded model: same bounds from weights alone
+    ftable = layer_table(fold_model(model))
+    assert [r.name for r in ftable] == [r.name for r in table]
+    for a, b in zip(table, ftable):
+        assert b.norm == pytest.approx(a.norm, rel=1e-4)
+
+
+def test_table_does_not_change_training_state():
+    model = build_model("naive", width=0.125, input_size=34).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_table(model)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_spectral_bf16_training_still_folds_to_1_lipschitz():
+    torch.manual_seed(0)
+    model = build_model("sll-spectral", width=0.125, input_size=34).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    for step in range(4):
+        x = torch.rand(4, 3, 34, 34)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loc, cls = model(x)
+            loss = loc.float().pow(2).mean() - cls.float().logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folded = fold_model(model)
+    heads = head_bounds(folded)
+    assert heads["loc"] <= 1 + TOL and heads["cls"] <= 1 + TOL
+    for tap, size in zip(folded.taps[1:], folded.prior_spec.feature_sizes[1:]):  # small maps: dense SVD
+        for heads_dict in (folded.loc_heads, folded.cls_heads):
+            assert dense_conv_norm(heads_dict[tap].conv.weight, size, 1, 1) <= 1 + TOL
+
+
+def test_plot_and_json(tmp_path):
+    model = build_model("sll-standard", width=0.125, input_size=34).eval()
+    table = layer_table(model)
+    heads = head_bounds(model, table)
+    out = plot_bounds(table, heads, tmp_path / "b.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps([r.to_dict() for r in table] + [heads])
+    assert isinstance(table[0], LayerBound)
+
+
+def test_cli_writes_table_png_and_json(tmp_path):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from lipdet.models.cli import lipschitz_command
+
+    artifacts = pytest.importorskip("lipdet.artifacts")
+    model = build_model("sll-l2", width=0.125, input_size=34).eval()
+    ckpt = tmp_path / "model.pt"
+    artifacts.save_checkpoint(ckpt, model)
+    app = typer.Typer()
+    app.command("lipschitz")(lipschitz_command)
+    app.command("noop")(lambda: None)
+    res = CliRunner().invoke(app, ["lipschitz", str(ckpt), "--out", str(tmp_path / "lip")])
+    assert res.exit_code == 0, res.output
+    assert "fire1" in res.output and "global bound" in res.output
+    report = json.loads((tmp_path / "lip" / "lipschitz.json").read_text())
+    assert report["heads"]["cls"] == pytest.approx(head_bounds(model)["cls"], rel=1e-4)
+    assert (tmp_path / "lip" / "lipschitz.png").stat().st_size > 1000
+    help_text = CliRunner().invoke(app, ["lipschitz", "--help"]).output
+    assert "Example" in help_text
