@@ -1,0 +1,279 @@
+"""Reduced precision lives in the ONNX graph: fp16 by converting it, int8 by explicit Q/DQ nodes.
+
+TensorRT 11 builds strongly typed networks only (no FP16/INT8 builder flags, no calibrators), so
+the precision an engine runs in is decided here, in the graph it is built from:
+
+* ``fp16``: :func:`to_fp16` converts every float tensor (weights and activations) to float16 with
+  ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``: the graph still
+  takes and returns float32, with ``Cast`` nodes at its edges.
+* ``int8``: :func:`quantize_int8` runs ``onnxruntime.quantization.quantize_static`` (QDQ format,
+  per-channel symmetric int8 weights, MinMax calibration on training images). Two flavours,
+  because the best graph for ONNX Runtime on a CPU is not one TensorRT accepts:
+
+  - ``u8s8-asymmetric`` (``--target ort``): uint8 asymmetric activations, int8 weights. ORT's
+    CPU kernels (VNNI/AMX u8s8 GEMM) run it 2-2.5x faster than fp32.
+  - ``s8s8-symmetric`` (``--target trt``): int8 activations with zero point 0, as TensorRT
+    requires. On a CPU, ORT runs it barely faster than fp32.
+
+After quantisation every weight's ``DequantizeLinear`` output is renamed to the weight's original
+name (the folded ``state_dict`` key), so the dequantised weights can be read back by name
+(:func:`onnx_constants`) -- that is how :mod:`lipdet.deploy.twin` rebuilds a differentiable twin
+of exactly the weights the int8 engine uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from lipdet.errors import LipdetError
+from lipdet.export.onnx_export import INPUT_NAME, check_graph, ort_session
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+TARGETS: tuple[str, ...] = ("ort", "trt")
+INT8_FLAVOURS: dict[str, str] = {"ort": "u8s8-asymmetric", "trt": "s8s8-symmetric"}
+"""``--target`` -> int8 flavour recorded in the model card as ``int8_flavour``."""
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp16 version of an fp32 graph (float32 inputs/outputs kept, Casts at the edges)."""
+    from onnxconverter_common import float16
+
+    with _quiet_logs():
+        half = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    check_graph(half)
+    return half
+
+
+def ort_cpu_support(model: onnx.ModelProto, input_size: int) -> tuple[bool, str]:
+    """Whether ONNX Runtime's CPU provider can load and run ``model``; ``(False, reason)`` if not."""
+    try:
+        sess = ort_session(model)
+        sess.run(None, {INPUT_NAME: np.zeros((1, 3, input_size, input_size), np.float32)})
+    except Exception as e:  # ORT raises its own exception types (NOT_IMPLEMENTED, INVALID_GRAPH...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return False, first[:300]
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# int8
+
+
+class ImageCalibrationReader:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over a tensor of images ``(N, 3, S, S)``.
+
+    Subclasses the ORT base class lazily (see :func:`calibration_reader`) so this module imports
+    without ORT's quantization tools.
+    """
+
+    def __init__(self, images: torch.Tensor | np.ndarray, batch: int = 32) -> None:
+        x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        self._x = np.ascontiguousarray(x, dtype=np.float32)
+        self._batch = int(batch)
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self._x):
+            return None
+        chunk = self._x[self._i : self._i + self._batch]
+        self._i += self._batch
+        return {INPUT_NAME: chunk}
+
+    def rewind(self) -> None:
+        self._i = 0
+
+    def __len__(self) -> int:
+        return (len(self._x) + self._batch - 1) // self._batch
+
+
+def calibration_reader(images: torch.Tensor | np.ndarray, batch: int = 32):
+    """A CalibrationDataReader (an ORT subclass instance) yielding ``{"images": batch}`` dicts."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(ImageCalibrationReader, CalibrationDataReader):
+        pass
+
+    return _Reader(images, batch)
+
+
+def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarray, target: str = "ort") -> onnx.ModelProto:
+    """Statically quantise an fp32 graph to a QDQ int8 graph calibrated on ``calib_images``.
+
+    ``target`` picks the flavour (:data:`INT8_FLAVOURS`): ``"ort"`` = uint8 asymmetric
+    activations (fast on ONNX Runtime CPU), ``"trt"`` = int8 symmetric activations (TensorRT).
+    Weights are int8, symmetric, per output channel in both.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if target not in INT8_FLAVOURS:
+        raise LipdetError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if len(calib_images) == 0:
+        raise LipdetError("int8 calibration needs at least one image (--calib-n)")
+    symmetric = target == "trt"
+    with tempfile.TemporaryDirectory(prefix="lipdet-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, str(src))
+        try:
+            with _quiet_logs():
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    calibration_reader(calib_images),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=False,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={
+                        "ActivationSymmetric": symmetric,
+                        "WeightSymmetric": True,
+                        # TensorRT fuses Relu itself; keep the graph literal for it
+                        "QDQKeepRemovableActivations": symmetric,
+                    },
+                )
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LipdetError(f"int8 quantisation failed: {first[:300]}") from e
+        quant = onnx.load(str(dst))
+    restore_weight_names(model, quant)
+    del quant.metadata_props[:]
+    for p in model.metadata_props:
+        quant.metadata_props.add(key=p.key, value=p.value)
+    quant.producer_name, quant.producer_version = model.producer_name, model.producer_version
+    check_graph(quant)
+    if symmetric:
+        bad = [n.name for n in quant.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not _zero_point_is_zero(quant, n)]
+        if bad:
+            raise LipdetError(f"int8 graph for TensorRT has a non-zero zero point at {bad[0]} (TensorRT needs symmetric Q/DQ)")
+    return quant
+
+
+def restore_weight_names(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> int:
+    """Rename each weight's ``DequantizeLinear`` output in ``quant`` back to the weight's fp32 name.
+
+    Matching is by consumer: the fp32 graph's node ``n`` reads initializer ``w`` at input ``j``;
+    the quantised graph's node of the same name reads a DequantizeLinear output there, which
+    becomes ``w``. Returns the number of renamed values.
+    """
+    inits = {i.name for i in fp32.graph.initializer}
+    wanted = {(n.name, j): name for n in fp32.graph.node for j, name in enumerate(n.input) if name in inits}
+    producer = {o: n for n in quant.graph.node for o in n.output}
+    q_inits = {i.name for i in quant.graph.initializer}
+    existing = q_inits | {o for n in quant.graph.node for o in n.output}
+    renames: dict[str, str] = {}
+    for n in quant.graph.node:
+        for j, name in enumerate(n.input):
+            target = wanted.get((n.name, j))
+            if target is None or name == target or name in renames:
+                continue
+            p = producer.get(name)
+            if p is None or p.op_type != "DequantizeLinear" or p.input[0] not in q_inits:
+                continue
+            if target in existing:  # the name is taken (weight left unquantised elsewhere): keep ORT's name
+                continue
+            renames[name] = target
+            existing.add(target)
+    for n in quant.graph.node:
+        for j, name in enumerate(n.input):
+            if name in renames:
+                n.input[j] = renames[name]
+        for j, name in enumerate(n.output):
+            if name in renames:
+                n.output[j] = renames[name]
+    for vi in quant.graph.value_info:
+        if vi.name in renames:
+            vi.name = renames[vi.name]
+    return len(renames)
+
+
+def _zero_point_is_zero(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    consts = {i.name: i for i in model.graph.initializer}
+    zp = consts.get(node.input[2])
+    return zp is None or not np.any(numpy_helper.to_array(zp))
+
+
+def int8_flavour(model: onnx.ModelProto) -> str | None:
+    """``"u8s8-asymmetric"`` / ``"s8s8-symmetric"`` read back from a QDQ graph, None if not int8."""
+    consts = {i.name: i for i in model.graph.initializer}
+    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    if not q_nodes:
+        return None
+    for n in q_nodes:
+        if len(n.input) > 2 and n.input[2] in consts:
+            if consts[n.input[2]].data_type == onnx.TensorProto.UINT8:
+                return INT8_FLAVOURS["ort"]
+    return INT8_FLAVOURS["trt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# constants of a graph (weights as the runtime sees them)
+
+
+def onnx_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every value computable from constants alone, as float32/int arrays, by name.
+
+    Evaluates initializers, ``Constant`` nodes and the weight plumbing an exported graph may
+    hold (``Identity``, ``Cast``, ``DequantizeLinear``) -- so fp16 weights come back as float32
+    and int8 weights as ``scale * (q - zero_point)`` exactly as the runtime dequantises them.
+    """
+    vals: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        ins = [i for i in n.input if i]
+        if not all(i in vals for i in ins):
+            continue
+        if n.op_type == "Constant":
+            attr = {a.name: a for a in n.attribute}
+            if "value" in attr:
+                vals[n.output[0]] = numpy_helper.to_array(attr["value"].t)
+        elif n.op_type == "Identity":
+            vals[n.output[0]] = vals[ins[0]]
+        elif n.op_type == "Cast":
+            to = next(a.i for a in n.attribute if a.name == "to")
+            vals[n.output[0]] = vals[ins[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        elif n.op_type == "DequantizeLinear":
+            vals[n.output[0]] = _dequantize(n, vals)
+    return vals
+
+
+def _dequantize(node: onnx.NodeProto, vals: dict[str, np.ndarray]) -> np.ndarray:
+    x = vals[node.input[0]].astype(np.int64)
+    scale = vals[node.input[1]].astype(np.float32)
+    zp = vals[node.input[2]].astype(np.int64) if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, np.int64)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and x.ndim > 1 and scale.size > 1:
+        shape = [1] * x.ndim
+        shape[axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((x - zp).astype(np.float32) * scale).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Mute the quantiser's and converter's warnings (pre-processing advice, fp16 clamping)."""
+    import warnings
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)

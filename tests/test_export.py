@@ -1,0 +1,414 @@
+"""lipdet export: folding, the ONNX graph, the model card, precisions, and the CLI's failure modes.
+
+Real files and real ONNX Runtime sessions throughout; models are tiny (sll-spectral at width
+1/8, whose Lipschitz analysis is fast) and untrained, data is a few synthetic SVHN images.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from lipdet.artifacts import load_model, save_checkpoint
+from lipdet.errors import LipdetError
+from lipdet.export.cli import default_onnx_path, export_model
+from lipdet.export.onnx_export import (
+    ALLOWED_OPS,
+    ParityError,
+    check_fold,
+    compare,
+    get_card,
+    graph_problems,
+    load_onnx,
+    ort_session,
+    run_session,
+)
+from lipdet.export.precision import INT8_FLAVOURS, int8_flavour, onnx_constants, ort_cpu_support, quantize_int8
+from lipdet.models import build_model, fold_model
+
+ARCH, WIDTH, SIZE = "sll-spectral", 0.125, 32  # 32 px: 340 priors, everything ~5x cheaper than 74
+PRIORS = 4 * (8 * 8 + 4 * 4 + 2 * 2 + 1)
+FORBIDDEN = {"ReduceSum", "ReduceL2", "ReduceMax", "Abs", "Sqrt", "Div", "Pow", "Loop", "If", "Scan", "MatMul", "Exp"}
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from lipdet.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("svhn")
+    synthesize(root, n_train=24, n_test=40, seed=3, progress=False)
+    return root
+
+
+def _make_checkpoint(path: Path, data_root: Path, arch: str = ARCH, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = build_model(arch, width=WIDTH, input_size=SIZE).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, SIZE, SIZE))
+    return save_checkpoint(path, model, meta={"data": {"root": str(data_root), "synthetic": True}, "epoch": 0})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, data_root) -> Path:
+    return _make_checkpoint(tmp_path_factory.mktemp("run") / "model.pt", data_root)
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory, ckpt):
+    out = tmp_path_factory.mktemp("fp32") / "model.onnx"
+    return export_model(ckpt, out=out, precision="fp32", val_n=16, echo=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def real_images(data_root) -> torch.Tensor:
+    from lipdet.data.dataset import SVHNDetection
+
+    ds = SVHNDetection(data_root, "test", input_size=SIZE)
+    return torch.stack([ds[i][0] for i in range(16)])
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# ----------------------------------------------------------------------------------------------
+# folding and the fp32 graph
+
+
+def test_fold_checked_at_export(fp32_export):
+    fold = fp32_export.checks["fold"]
+    assert fold["rel"] <= 1e-5 and fold["cosine"] > 0.999999
+
+
+def test_check_fold_refuses_a_wrong_fold(ckpt, real_images):
+    model = load_model(ckpt)
+    folded = fold_model(model)
+    check_fold(model, folded, real_images)  # the real fold passes
+    with torch.no_grad():
+        w = dict(folded.named_parameters())[next(k for k, _ in folded.named_parameters() if k.endswith("weight"))]
+        w.mul_(1.001)
+    with pytest.raises(ParityError, match="folded model differs"):
+        check_fold(model, folded, real_images)
+
+
+def test_graph_is_plain_inference_ops(fp32_export):
+    model = onnx.load(str(fp32_export.onnx))
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert ops <= ALLOWED_OPS, ops - ALLOWED_OPS
+    assert not ops & FORBIDDEN
+    for node in model.graph.node:
+        assert not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    assert graph_problems(model) == []
+    # I/O contract: images N x 3 x S x S float32 -> loc, logits (raw), dynamic batch
+    (inp,) = model.graph.input
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
+    assert [o.name for o in model.graph.output] == ["loc", "logits"]
+
+
+def test_graph_walk_catches_normalisation_and_control_flow(fp32_export):
+    model = onnx.load(str(fp32_export.onnx))
+    weight = next(i.name for i in model.graph.initializer if i.name.endswith("weight"))
+    model.graph.node.insert(0, helper.make_node("Abs", [weight], ["w_abs"], name="abs_w"))
+    model.graph.node.insert(1, helper.make_node("ReduceSum", ["w_abs"], ["w_norm"], name="norm_w", keepdims=1))
+    branch = helper.make_graph([], "b", [], [helper.make_tensor_value_info("w_norm", onnx.TensorProto.FLOAT, None)])
+    model.graph.node.append(helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=branch))
+    problems = " | ".join(graph_problems(model))
+    assert "ReduceSum" in problems and "Abs" in problems and "computes from weights alone" in problems
+    assert "control flow" in problems and "If" in problems
+
+
+def test_initialisers_are_the_folded_state_dict(fp32_export, ckpt):
+    folded = fold_model(load_model(ckpt))
+    consts = onnx_constants(onnx.load(str(fp32_export.onnx)))
+    for k, v in folded.state_dict().items():
+        assert k in consts, k
+        np.testing.assert_array_equal(consts[k], v.numpy())
+
+
+def test_dynamic_batch_and_parity_with_folded_torch(fp32_export, ckpt, real_images):
+    folded = fold_model(load_model(ckpt))
+    sess = ort_session(fp32_export.onnx)
+    for n in (1, 7):
+        x = real_images[:n]
+        loc, logits = sess.run(None, {"images": x.numpy()})
+        assert loc.shape == (n, PRIORS, 4) and logits.shape == (n, PRIORS, 11)
+        stats = compare((loc, logits), folded(x))
+        assert stats["rel"] <= 1e-4 and stats["cosine"] > 0.99999
+    assert fp32_export.checks["onnx_fp32_vs_torch"]["rel"] <= 1e-4
+
+
+def test_card_round_trip_and_lipschitz_from_onnx_weights(fp32_export, ckpt):
+    from lipdet.deploy.twin import load_twin
+    from lipdet.io import sha256_file
+    from lipdet.models.lipschitz import head_bounds
+
+    card = get_card(fp32_export.onnx)
+    assert card == fp32_export.card
+    assert card["precision"] == "fp32" and card["int8_flavour"] is None
+    assert card["model"]["arch"] == ARCH and card["model"]["width"] == WIDTH
+    assert card["source"] == {"checkpoint": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
+    assert card["data"]["synthetic"] is True
+    assert card["postprocess"]["score_threshold"] == 0.2 and card["postprocess"]["top_k"] == 20
+    assert card["validation"]["split"] == "test" and 0.0 <= card["validation"]["fp32"]["map_50"] <= 1.0
+    # bounds recomputed from the ONNX weights alone match the checkpoint's (the card holds
+    # head_bounds of the checkpoint's folded model, computed at export)
+    from_onnx = head_bounds(load_twin(fp32_export.onnx))
+    for key in ("loc", "cls"):
+        assert from_onnx[key] == pytest.approx(card["lipschitz"][key], rel=1e-6)
+    for a, b in zip(from_onnx["per_scale"], card["lipschitz"]["per_scale"]):
+        assert a["cls"] == pytest.approx(b["cls"], rel=1e-6) and a["tap"] == b["tap"]
+
+
+# ----------------------------------------------------------------------------------------------
+# precisions
+
+
+@pytest.fixture(scope="module")
+def fp32_model(fp32_export) -> onnx.ModelProto:
+    return onnx.load(str(fp32_export.onnx))
+
+
+def test_fp16_export(tmp_path, ckpt, real_images):
+    out = tmp_path / "model.fp16.onnx"
+    res = export_model(ckpt, out=out, precision="fp16", val_n=16, echo=lambda *a: None)
+    model = onnx.load(str(out))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+    assert graph_problems(model) == []
+    card = get_card(out)
+    assert card["precision"] == "fp16"
+    ok, reason = ort_cpu_support(model, SIZE)
+    if ok:  # ONNX Runtime 1.32's CPU provider runs fp16 Conv graphs: it is evaluated for real
+        assert res.checks["onnx_fp16_vs_fp32"]["rel"] < 1e-2
+        assert card["validation"]["fp16"] is not None and "map_50_change" in card["validation"]
+        got = run_session(ort_session(model), real_images)
+        ref = fold_model(load_model(ckpt))(real_images)
+        stats = compare(got, ref)
+        assert 0 < stats["rel"] < 1e-2 and stats["cosine"] > 0.9999  # fp16 arithmetic, close to fp32
+    else:  # it must say so, never evaluate something else
+        assert "cannot run" in card["validation"]["not_evaluated"]
+        from lipdet.deploy.backends import load_backend
+
+        with pytest.raises(LipdetError, match="ONNX Runtime cannot load"):
+            load_backend(out)
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_int8_graph_runs_and_is_close_to_fp32(fp32_model, data_root, real_images, target):
+    from lipdet.data.dataset import SVHNDetection
+
+    ds = SVHNDetection(data_root, "train", input_size=SIZE)
+    calib = torch.stack([ds[i][0] for i in range(len(ds))])
+    q = quantize_int8(fp32_model, calib, target=target)
+    assert graph_problems(q) == []
+    assert int8_flavour(q) == INT8_FLAVOURS[target]
+    zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
+    assert zps
+    if target == "trt":  # TensorRT needs symmetric int8 Q/DQ
+        assert all(z.dtype in (np.int8, np.int32) and not z.any() for z in zps)  # int32: biases
+        assert any(z.dtype == np.int8 for z in zps)
+    else:  # uint8 activations for ONNX Runtime's u8s8 kernels
+        assert any(z.dtype == np.uint8 for z in zps)
+    got = run_session(ort_session(q), real_images)
+    ref = run_session(ort_session(fp32_model), real_images)
+    stats = compare(got, ref)
+    assert stats["cosine"] > 0.99, stats
+    assert stats["rel"] > 0  # it really is a different (quantised) computation
+
+
+def test_dequantised_weights_match_onnxruntime(fp32_model, real_images):
+    """onnx_constants' int8 weights equal what ORT's DequantizeLinear computes."""
+    q = quantize_int8(fp32_model, real_images[:8], target="ort")
+    name = next(i.name for i in fp32_model.graph.initializer if i.name.endswith("conv1.weight"))
+    ours = onnx_constants(q)[name]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    sess = ort_session(probe)
+    theirs = sess.run([name], {"images": real_images[:1].numpy()})[0]
+    np.testing.assert_array_equal(ours, theirs)
+    w32 = onnx_constants(fp32_model)[name]
+    assert not np.array_equal(ours, w32) and np.abs(ours - w32).max() <= np.abs(w32).max() / 127 + 1e-7
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from lipdet.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    code = e.value.code if isinstance(e.value.code, int) else (0 if e.value.code is None else 1)
+    return code, out.out, out.err
+
+
+def _one_line_error(err: str) -> None:
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert "Traceback" not in err
+
+
+def test_cli_latest_run_int8_writes_beside_it(tmp_path, data_root, monkeypatch, capsys):
+    """No MODEL: the latest run's checkpoint, int8 for ONNX Runtime, written beside it, card complete."""
+    runs = tmp_path / "runs"
+    run = runs / "sll-spectral-1"
+    run.mkdir(parents=True)
+    _make_checkpoint(run / "model.pt", data_root, seed=1)
+    (runs / "LATEST").write_text("sll-spectral-1\n")
+    monkeypatch.setenv("LIPDET_RUNS", str(runs))
+    code, out, err = _cli(["export", "--precision", "int8", "--calib-n", "16", "--val-n", "16"], capsys)
+    assert code == 0, err
+    onnx_path = run / "model.int8.onnx"
+    assert _listing(run) == {"model.pt", "model.int8.onnx"}
+    assert str(onnx_path) in out and f"lipdet eval {onnx_path} --pgd" in out
+    assert "parity: ONNX Runtime fp32 vs folded torch" in out and "parity: int8 vs fp32" in out
+    assert "validation map_50" in out and "-> int8" in out
+    card = get_card(onnx_path)
+    assert card["precision"] == "int8" and card["int8_flavour"] == "u8s8-asymmetric"
+    v = card["validation"]
+    assert v["int8"] is not None and v["map_50_change"] == pytest.approx(v["int8"]["map_50"] - v["fp32"]["map_50"])
+    assert v["parity_vs_fp32"]["cosine"] > 0.99
+    sess = ort_session(onnx_path)
+    assert sess.run(None, {"images": np.random.rand(3, 3, SIZE, SIZE).astype(np.float32)})[1].shape == (3, PRIORS, 11)
+
+
+def test_cli_no_run_is_the_runs_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LIPDET_RUNS", str(tmp_path / "runs"))
+    code, _, err = _cli(["export"], capsys)
+    assert code == 2
+    _one_line_error(err)
+    assert "no training run found" in err and "lipdet train --workers 2" in err
+
+
+def test_cli_trt_without_tensorrt_writes_nothing(tmp_path, ckpt, capsys):
+    from lipdet.export.tensorrt import trt_missing
+
+    if trt_missing() is None:
+        pytest.skip("TensorRT and a GPU are available here")
+    before = _listing(ckpt.parent)
+    out = tmp_path / "x.onnx"
+    code, _, err = _cli(["export", str(ckpt), "--trt", "--out", str(out)], capsys)
+    assert code == 2
+    _one_line_error(err)
+    assert "pip install 'lipdet[gpu]'" in err and "TensorRT" in err
+    assert not out.exists() and not out.with_suffix(".plan").exists() and list(tmp_path.iterdir()) == []
+    assert _listing(ckpt.parent) == before
+
+
+def test_cli_int8_for_ort_with_trt_is_refused(tmp_path, ckpt, capsys):
+    code, _, err = _cli(["export", str(ckpt), "--precision", "int8", "--target", "ort", "--trt",
+                         "--out", str(tmp_path / "x.onnx")], capsys)
+    assert code == 2
+    _one_line_error(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch lipdet-pwned",))
+
+
+def _bad_inputs(folder: Path, ckpt: Path) -> dict[str, Path]:
+    folder.mkdir()
+    not_ckpt = folder / "not_ckpt.pt"
+    torch.save({"weights": torch.zeros(3)}, not_ckpt)
+    evil = folder / "evil.pt"
+    torch.save({"format": "lipdet-checkpoint", "payload": _Evil()}, evil)
+    corrupt = folder / "corrupt.pt"
+    corrupt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
+    garbage = folder / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    text = folder / "notes.pt"
+    text.write_text("hello")
+    return {"not a lipdet checkpoint": not_ckpt, "refused to load": evil, "not a readable torch checkpoint": corrupt,
+            "garbage": garbage, "text": text, "missing": folder / "nope.pt"}
+
+
+def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, ckpt, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = _bad_inputs(tmp_path / "in", ckpt)
+    for expect, path in cases.items():
+        before = _listing(tmp_path)
+        out = tmp_path / "in" / f"{path.stem}.onnx"
+        code, _, err = _cli(["export", str(path), "--out", str(out)], capsys)
+        assert code == 2, (expect, err)
+        _one_line_error(err)
+        if expect in ("not a lipdet checkpoint", "refused to load", "not a readable torch checkpoint"):
+            assert expect in err, err
+        assert _listing(tmp_path) == before, expect
+    assert not (tmp_path / "lipdet-pwned").exists()
+
+
+def test_cli_unwritable_output_exit_2_and_write_nothing(tmp_path, ckpt, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    a_dir = tmp_path / "adir.onnx"
+    a_dir.mkdir()
+    targets = [tmp_path / "missing" / "m.onnx", a_file / "m.onnx", a_dir, tmp_path / "m.txt"]
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        targets.append(ro / "m.onnx")
+    before = _listing(tmp_path)
+    for target in targets:
+        code, _, err = _cli(["export", str(ckpt), "--out", str(target)], capsys)
+        assert code == 2, (target, err)
+        _one_line_error(err)
+        assert _listing(tmp_path) == before
+
+
+def test_write_outputs_all_or_nothing(tmp_path):
+    """ONNX + plan + sidecar are renamed into place together, or none is (a failing TensorRT build)."""
+    from lipdet.export.cli import write_outputs
+    from lipdet.export.tensorrt import read_sidecar
+
+    def failing_build(tmp_onnx: Path, tmp_plan: Path) -> dict:
+        assert tmp_onnx.read_bytes() == b"onnx-bytes"  # the plan is built from the written temp ONNX
+        tmp_plan.write_bytes(b"half a plan")
+        raise LipdetError("simulated TensorRT build failure")
+
+    with pytest.raises(LipdetError, match="simulated"):
+        write_outputs(b"onnx-bytes", tmp_path / "m.onnx", tmp_path / "m.plan", failing_build)
+    assert list(tmp_path.iterdir()) == []
+
+    def good_build(tmp_onnx: Path, tmp_plan: Path) -> dict:
+        tmp_plan.write_bytes(b"plan")
+        return {"format": "lipdet-trt-plan", "tensorrt": "10.9.0", "gpu": "g", "compute_capability": "9.0",
+                "precision": "fp32", "profile": {}, "source_onnx": {"path": str(tmp_path / "m.onnx"), "sha256": "x"}}
+
+    plan, side = write_outputs(b"onnx-bytes", tmp_path / "m.onnx", tmp_path / "m.plan", good_build)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.plan", "m.plan.json"]
+    assert side == tmp_path / "m.plan.json" and read_sidecar(plan)["tensorrt"] == "10.9.0"
+    assert write_outputs(b"x", tmp_path / "only.onnx") == (None, None) and (tmp_path / "only.onnx").read_bytes() == b"x"
+
+
+def test_default_output_names(tmp_path):
+    ck = tmp_path / "model.pt"
+    assert default_onnx_path(ck, "fp32") == tmp_path / "model.onnx"
+    assert default_onnx_path(ck, "int8") == tmp_path / "model.int8.onnx"
+
+
+def test_load_onnx_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01 not protobuf" * 10)
+    with pytest.raises(LipdetError):
+        load_onnx(tmp_path / "missing.onnx")
+    with pytest.raises(LipdetError, match="not a readable ONNX"):
+        load_onnx(bad)
