@@ -1,0 +1,293 @@
+"""The evaluation engine and ``lipdet eval`` on a tiny model trained here, exported to ONNX.
+
+mAP is checked against pycocotools run directly on the saved detections; .pt / .onnx / twin
+agree; int8 stays within a point; eps 0 is the clean result; PGD raises the loss; the report and
+JSON round-trip; every bad input is a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from lipdet.artifacts import save_checkpoint
+from lipdet.errors import LipdetError
+from lipdet.eval.attacks import AttackLoss, pgd_l2
+from lipdet.eval.evaluate import EvalSettings, TwinBackend, evaluate, to_original
+from lipdet.loss import MultiBoxLoss
+from lipdet.models import build_model
+
+S = 74
+LOW = dict(score_threshold=0.02)  # many low-score detections: a long precision-recall curve for the COCO check
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_svhn: Path):
+    """The session's tiny synthetic SVHN, a naive Tinier SSD trained a few dozen steps, fp32 + int8 ONNX."""
+    from lipdet.data import SVHNDetection, detection_collate
+
+    root = tmp_path_factory.mktemp("eval")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LIPDET_CACHE", str(root / "cache"))
+    data = tiny_svhn
+
+    # Trained (over-fitted, full batch) on the 16 images it is evaluated on: a few dozen steps then give a
+    # clean mAP50 of ~0.3-0.5, so the accuracy comparisons below compare real numbers, not zeros.
+    torch.manual_seed(0)
+    model = build_model("naive", width=0.25)
+    split = SVHNDetection(data, "test", S)
+    x, t = detection_collate([split[i] for i in range(len(split))])
+    crit = MultiBoxLoss(model.priors, S)
+    opt = torch.optim.Adam(model.parameters(), 5e-3)
+    model.train()
+    for _ in range(50):
+        lo, lg = model(x)
+        loss = crit(lo, lg, t)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    pt = save_checkpoint(root / "model.pt", model, meta={"data": {"root": str(data), "synthetic": False}})
+
+    from lipdet.export.cli import export_model
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    onnx_path = export_model(pt, precision="fp32", val_n=8, echo=quiet).onnx
+    int8_path = _int8_artifact(pt, onnx_path, data, quiet)
+    yield {"root": root, "data": data, "pt": pt, "onnx": onnx_path, "int8": int8_path, "model": model}
+    mp.undo()
+
+
+def _int8_artifact(pt: Path, fp32_onnx: Path, data: Path, quiet) -> Path:
+    """The int8 export. Export's parity gate (cosine >= 0.98 vs fp32) refuses some tiny over-fitted nets;
+    then the same ``quantize_int8`` graph is built by hand (the evaluation, not the gate, is under test)."""
+    from lipdet.export.cli import export_model
+    from lipdet.export.onnx_export import ParityError
+
+    try:
+        return export_model(pt, precision="int8", val_n=8, calib_n=16, echo=quiet).onnx
+    except ParityError:
+        pass
+    from lipdet.data import SVHNDetection
+    from lipdet.export.onnx_export import get_card, load_onnx, save_onnx, set_card
+    from lipdet.export.precision import INT8_FLAVOURS, quantize_int8
+
+    fp32 = load_onnx(fp32_onnx)
+    card = get_card(fp32)
+    calib = torch.stack([SVHNDetection(data, "train", S)[i][0] for i in range(16)])
+    q = quantize_int8(fp32, calib, target="ort")
+    set_card(q, {**card, "precision": "int8", "int8_flavour": INT8_FLAVOURS["ort"]})
+    out = pt.with_name("model.int8.onnx")
+    save_onnx(q, out)
+    return out
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """``lipdet ...`` in-process through the console entry point (which maps LipdetError to exit 2)."""
+    from lipdet.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_map_agrees_with_pycocotools_on_saved_detections(env, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from lipdet.data import SVHNDetection
+
+    result = evaluate(env["onnx"], data=env["data"], settings=EvalSettings(**LOW), log=lambda m: None)
+    dets = result.coco_detections()
+    assert len(dets) > 20
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+
+    # Ground truth straight from the dataset, in original-image pixels.
+    ds = SVHNDetection(env["data"], "test", S)
+    images, anns = [], []
+    for i in range(len(ds)):
+        _, t = ds[i]
+        images.append({"id": int(t["image_id"]), "file_name": t["name"]})
+        for b, lab in zip(to_original(t["boxes"], t["crop"], S).tolist(), t["labels"].tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": int(t["image_id"]), "category_id": int(lab),
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1]),
+                         "iscrowd": 0})
+    (tmp_path / "gt.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": d, "name": str(d)} for d in range(10)]}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "gt.json"))
+        coco_eval = COCOeval(gt, gt.loadRes(str(tmp_path / "dets.json")), "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    # stats[0]: AP @ IoU 0.50:0.95, all areas, 100 dets; stats[1]: AP @ IoU 0.50 (same areas / dets).
+    assert result.summary["clean"]["map"] == pytest.approx(coco_eval.stats[0], abs=1e-6)
+    assert result.summary["clean"]["map_50"] == pytest.approx(coco_eval.stats[1], abs=1e-6)
+    assert result.summary["clean"]["map_50"] > 0
+
+
+def test_pt_onnx_twin_agree_and_int8_within_a_point(env):
+    from lipdet.deploy.twin import load_twin
+
+    quiet = lambda m: None  # noqa: E731
+    st = EvalSettings()
+    pt = evaluate(env["pt"], settings=st, log=quiet).summary["clean"]
+    ox = evaluate(env["onnx"], settings=st, log=quiet).summary["clean"]
+    tw = evaluate(TwinBackend(load_twin(env["onnx"])), data=env["data"], settings=st, log=quiet).summary["clean"]
+    i8 = evaluate(env["int8"], settings=st, log=quiet).summary["clean"]
+    assert pt["map_50"] > 0.1
+    for other in (ox, tw):
+        assert other["map_50"] == pytest.approx(pt["map_50"], abs=1e-4)
+        assert other["map"] == pytest.approx(pt["map"], abs=1e-4)
+    assert abs(i8["map_50"] - ox["map_50"]) <= 0.01
+
+
+def test_eps_zero_reproduces_clean_and_pgd_raises_the_loss(env):
+    quiet = lambda m: None  # noqa: E731
+    r = evaluate(env["onnx"], settings=EvalSettings(pgd=True, eps=0.0, eps_sweep=(0.0,), limit=8, **LOW), log=quiet)
+    s = r.summary
+    assert s["pgd"]["map_50"] == s["clean"]["map_50"] and s["pgd"]["map"] == s["clean"]["map"]
+    assert s["sweep"][0]["map_50"] == s["clean"]["map_50"]
+    for rec in r.records:
+        assert torch.equal(rec.pgd["boxes"], rec.clean["boxes"]) and torch.equal(rec.pgd["scores"], rec.clean["scores"])
+
+    # The attacked loss exceeds the clean loss on the trained model, for every image.
+    from lipdet.data import SVHNDetection, detection_collate
+    from lipdet.deploy.twin import load_twin
+
+    twin = load_twin(env["onnx"])
+    images, targets = detection_collate([SVHNDetection(env["data"], "test", S)[i] for i in range(6)])
+    loss = AttackLoss("multibox", twin.priors, S)
+    with torch.no_grad():
+        clean = loss.per_image(*twin(images), targets)
+    res = pgd_l2(twin, images, targets, loss, 0.5, steps=5, seeds=list(range(6)))
+    assert bool((res.loss > clean).all())
+
+
+def test_cli_json_report_and_detections(env, tmp_path):
+    out_json, dets, report = tmp_path / "results.json", tmp_path / "dets.json", tmp_path / "report"
+    code, stdout, stderr = run_cli([
+        "eval", str(env["onnx"]), "--pgd", "--eps", "0.5", "--steps", "2", "--eps-sweep", "0,0.5,1",
+        "--certify", "--blackbox", "square", "--queries", "4", "--limit", "6", "--batch-size", "4",
+        "--json", str(out_json), "--save-detections", str(dets), "--report", str(report), "--no-progress",
+    ])
+    assert code == 0, stderr
+    res = json.loads(out_json.read_text())
+    assert set(res) >= {"model", "backend", "settings", "clean", "pgd", "blackbox", "certify", "sweep"}
+    assert res["backend"]["name"] == "onnxruntime" and res["data"]["images"] == 6
+    for sec in ("clean", "pgd", "blackbox"):
+        assert 0 <= res[sec]["map_50"] <= 1 and 0 <= res[sec]["map"] <= 1
+    assert res["pgd"]["eps"] == 0.5 and res["pgd"]["steps"] == 2
+    assert res["pgd"]["max_twin_engine_diff"] < 1e-2
+    assert res["pgd"]["drop_map_50"] == pytest.approx(res["clean"]["map_50"] - res["pgd"]["map_50"])
+    assert [p["eps"] for p in res["sweep"]] == [0.0, 0.5, 1.0]
+    assert res["sweep"][0]["map_50"] == res["clean"]["map_50"] and res["sweep"][1]["map_50"] == res["pgd"]["map_50"]
+    assert 0 <= res["certify"]["certified_share"] <= res["certify"]["detected_share"] <= 1
+    assert "IoU >= 0.5" in res["certify"]["definition"]
+    assert res["blackbox"]["queries"] == 4 and res["blackbox"]["mean_loss_adv"] >= res["blackbox"]["mean_loss_clean"]
+
+    saved = json.loads(dets.read_text())
+    assert isinstance(saved, list)
+    for d in saved:
+        assert set(d) == {"image_id", "category_id", "bbox", "score"} and 0 <= d["category_id"] <= 9
+
+    page = (report / "index.html").read_text()
+    assert "clean mAP50" in page and "adversarial mAP50" in page
+    for png in re.findall(r"src='([^']+)'", page):
+        assert (report / png).is_file() and (report / png).read_bytes()[:4] == b"\x89PNG"
+    assert {"eps_curve.png", "lipschitz.png"} <= {p.name for p in report.iterdir()}
+    assert any(p.name.startswith("detections_") for p in report.iterdir())
+    assert json.loads((report / "results.json").read_text())["clean"] == res["clean"]
+
+    # The seed-style row is the last thing printed.
+    last = stdout.strip().splitlines()
+    assert "clean map_50" in last[-2] and "adv map_50" in last[-2] and "drop" in last[-2]
+    cells = last[-1].split()
+    assert float(cells[1]) == pytest.approx(100 * res["clean"]["map_50"], abs=0.006)
+    assert float(cells[2]) == pytest.approx(100 * res["pgd"]["map_50"], abs=0.006)
+
+
+def test_onnx_without_card_clean_only(env, tmp_path):
+    m = onnx.load(str(env["onnx"]))
+    del m.metadata_props[:]
+    bare = tmp_path / "foreign.onnx"
+    onnx.save(m, str(bare))
+    base = ["eval", str(bare), "--data", str(env["data"]), "--limit", "4", "--no-progress"]
+    code, stdout, stderr = run_cli(base + ["--input-size", "74"])
+    assert code == 0, stderr
+    assert "clean map_50" in stdout
+    code, _, stderr = run_cli(base)  # no card, no --input-size
+    assert code == 2 and "--input-size" in stderr
+    code, _, stderr = run_cli(base + ["--input-size", "74", "--pgd"])
+    assert code == 2 and "cannot run" in stderr and "model card" in stderr
+    assert stderr.strip().count("\n") == 0
+
+
+def test_bad_inputs_exit_2_with_one_line(env, tmp_path):
+    (tmp_path / "engine.plan").write_bytes(b"not a plan")
+    # A plan with a well-formed sidecar for a TensorRT / GPU this machine does not have.
+    (tmp_path / "other.plan").write_bytes(b"\0" * 64)
+    (tmp_path / "other.plan.json").write_text(json.dumps({
+        "format": "lipdet-trt-plan", "tensorrt": "0.0.1", "gpu": "Imaginary GPU 9000", "compute_capability": "99.0",
+        "precision": "fp32", "profile": {"min": 1, "opt": 8, "max": 8},
+        "source_onnx": {"path": str(env["onnx"]), "sha256": "0" * 64}}))
+    (tmp_path / "notsvhn").mkdir()
+    onnx_ = str(env["onnx"])
+    cases = [
+        (["eval", onnx_, "--pgd", "--eps", "-0.1"], "eps"),
+        (["eval", onnx_, "--pgd", "--steps", "0"], "steps"),
+        (["eval", onnx_, "--data", str(tmp_path / "notsvhn")], "SVHN"),
+        (["eval", onnx_, "--data", str(tmp_path / "missing")], "not found"),
+        (["eval", str(tmp_path / "engine.plan")], "sidecar"),
+        (["eval", str(tmp_path / "other.plan"), "--pgd"], "TensorRT"),
+        (["eval", str(tmp_path / "nope.onnx")], "not found"),
+        (["eval", onnx_, "--eps-sweep", "0,abc"], "eps-sweep"),
+        (["eval", onnx_, "--attack-loss", "bogus", "--pgd"], "attack-loss"),
+        (["eval", onnx_, "--json", str(tmp_path / "no" / "dir" / "r.json")], "--json"),
+    ]
+    for args, word in cases:
+        code, _, stderr = run_cli(args + ["--no-progress"])
+        assert code == 2, (args, stderr)
+        assert stderr.startswith("error: ") and stderr.strip().count("\n") == 0, (args, stderr)
+        assert word in stderr, (args, stderr)
+        assert "Traceback" not in stderr
+
+
+def test_twin_gate_refuses_a_twin_that_disagrees(env):
+    """Attacks need the twin to match the engine on clean inputs first."""
+    with pytest.raises(LipdetError, match="twin"):
+        evaluate(env["onnx"], settings=EvalSettings(pgd=True, steps=1, limit=2, twin_tol=1e-12), log=lambda m: None)
+
+
+def test_default_data_is_the_training_data_else_embedded_synthetic(env, tmp_path, monkeypatch):
+    quiet = lambda m: None  # noqa: E731
+    r = evaluate(env["onnx"], settings=EvalSettings(limit=2), log=quiet)  # card data.root exists
+    assert r.summary["data"]["root"] == str(env["data"]) and r.summary["data"]["source"].startswith("training data")
+    monkeypatch.setenv("LIPDET_SYNTH_SIZE", "3,3")
+    monkeypatch.setenv("LIPDET_CACHE", str(tmp_path / "cache"))
+    moved = save_checkpoint(tmp_path / "moved.pt", env["model"], meta={"data": {"root": str(tmp_path / "gone")}})
+    r = evaluate(moved, settings=EvalSettings(limit=2), log=quiet)
+    assert r.summary["data"]["source"].startswith("embedded synthetic data") and r.summary["data"]["images"] == 2

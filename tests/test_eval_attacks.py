@@ -1,0 +1,167 @@
+"""Attacks: the L2 ball and [0, 1] are never left, seeds are per image, eps 0 is a no-op, Square is greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lipdet.errors import LipdetError
+from lipdet.eval.attacks import (
+    ATTACK_LOSSES,
+    AttackLoss,
+    image_seed,
+    pgd_l2,
+    project_l2,
+    pseudo_gaussian,
+    square_l2,
+)
+from lipdet.models import build_model, fold_model
+
+S = 32  # the smallest input Tinier SSD accepts: fast, and the attacks do not care
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two shared cores: one intra-op thread is both faster and deterministic."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def twin() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_model("naive", width=0.125, input_size=S)
+    with torch.no_grad():  # BatchNorm statistics of real activations, so outputs depend on the input
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.momentum = None
+        for _ in range(3):
+            m(torch.rand(8, 3, S, S))
+    m = fold_model(m.eval())
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, S, S, generator=g)
+    images[0] = 0.0  # corners of the box: clamping must still keep the ball
+    images[1] = 1.0
+    targets = [
+        {"boxes": torch.tensor([[4.0, 5.0, 14.0, 25.0], [15.0, 6.0, 26.0, 27.0]]), "labels": torch.tensor([3, 7])},
+        {"boxes": torch.tensor([[8.0, 4.0, 20.0, 28.0]]), "labels": torch.tensor([0])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+        {"boxes": torch.tensor([[2.0, 2.0, 30.0, 30.0]]), "labels": torch.tensor([9])},
+    ]
+    return images, targets
+
+
+def _norms(adv: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return (adv.double() - images.double()).flatten(1).norm(dim=1)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    eps=st.sampled_from([0.0, 1e-4, 0.1, 0.5, 1.0, 3.0]),
+    steps=st.integers(1, 3),
+    alpha_scale=st.sampled_from([None, 0.1, 5.0]),
+    loss_name=st.sampled_from(ATTACK_LOSSES),
+)
+def test_pgd_stays_in_ball_and_box(twin, batch, eps, steps, alpha_scale, loss_name):
+    images, targets = batch
+    loss = AttackLoss(loss_name, twin.priors, S)
+    alpha = None if alpha_scale is None else alpha_scale * max(eps, 1e-3)
+    res = pgd_l2(twin, images, targets, loss, eps, steps, alpha=alpha, restarts=2, seeds=[11, 12, 13, 14])
+    assert res.adv.shape == images.shape and res.adv.dtype == images.dtype
+    assert float(_norms(res.adv, images).max()) <= eps + 1e-6
+    assert float(res.adv.min()) >= 0.0 and float(res.adv.max()) <= 1.0
+    assert res.loss.shape == (4,) and torch.isfinite(res.loss).all()
+
+
+def test_pgd_eps_zero_returns_the_clean_images(twin, batch):
+    images, targets = batch
+    res = pgd_l2(twin, images, targets, AttackLoss("multibox", twin.priors, S), 0.0, steps=5)
+    assert torch.equal(res.adv, images)
+
+
+def test_pgd_seeds_are_per_image_not_per_batch(twin, batch):
+    """The same image with the same seed is attacked identically alone or in a batch."""
+    images, targets = batch
+    loss = AttackLoss("multibox", twin.priors, S)
+    seeds = [image_seed(0, i, "pgd") for i in range(4)]
+    whole = pgd_l2(twin, images, targets, loss, 0.5, 3, seeds=seeds).adv
+    halves = torch.cat([
+        pgd_l2(twin, images[:2], targets[:2], loss, 0.5, 3, seeds=seeds[:2]).adv,
+        pgd_l2(twin, images[2:], targets[2:], loss, 0.5, 3, seeds=seeds[2:]).adv,
+    ])
+    assert torch.allclose(whole, halves, atol=1e-6)
+    other = pgd_l2(twin, images, targets, loss, 0.5, 3, seeds=[image_seed(1, i, "pgd") for i in range(4)]).adv
+    assert not torch.equal(whole, other)
+
+
+def test_restarts_keep_the_per_image_worst(twin, batch):
+    images, targets = batch
+    loss = AttackLoss("cls", twin.priors, S)
+    seeds = [5, 6, 7, 8]
+    one = pgd_l2(twin, images, targets, loss, 0.5, 2, restarts=1, seeds=seeds)
+    three = pgd_l2(twin, images, targets, loss, 0.5, 2, restarts=3, seeds=seeds)
+    assert (three.loss >= one.loss - 1e-6).all()  # restart 0 is the same run, later ones only replace it if worse
+    lo, lg = twin(three.adv)
+    assert torch.allclose(loss.per_image(lo, lg, targets), three.loss, atol=1e-5)
+
+
+def test_square_is_query_only_greedy_and_in_the_ball(twin, batch):
+    images, targets = batch
+    loss = AttackLoss("multibox", twin.priors, S)
+    calls = []
+
+    @torch.no_grad()
+    def engine(x: torch.Tensor):
+        assert not x.requires_grad
+        calls.append(x.shape[0])
+        return twin(x)
+
+    clean = loss.per_image(*twin(images), targets)
+    res = square_l2(engine, images, targets, loss, 0.5, queries=12, seeds=[1, 2, 3, 4])
+    assert res.queries == 12 and len(calls) == 12
+    assert float(_norms(res.adv, images).max()) <= 0.5 + 1e-6
+    assert float(res.adv.min()) >= 0.0 and float(res.adv.max()) <= 1.0
+    assert (res.loss >= clean - 1e-6).all()
+    assert (res.loss > clean).any()  # 11 tries on a random net find some increase
+    assert torch.allclose(loss.per_image(*twin(res.adv), targets), res.loss, atol=1e-5)
+    again = square_l2(engine, images, targets, loss, 0.5, queries=12, seeds=[1, 2, 3, 4])
+    assert torch.equal(again.adv, res.adv)
+
+
+def test_project_l2_and_pseudo_gaussian():
+    x = torch.full((2, 3, 8, 8), 0.5)
+    far = x + torch.randn(2, 3, 8, 8)
+    p = project_l2(x, far, 0.3)
+    assert float(_norms(p, x).max()) <= 0.3 + 1e-7
+    near = x + 0.001
+    assert torch.allclose(project_l2(x, near, 0.3), near)
+    for side in (1, 3, 4, 7, 24):
+        pat = pseudo_gaussian(side)
+        assert abs(float(pat.norm()) - 1) < 1e-5
+        if side > 1:
+            assert abs(float(pat.sum())) < 1e-5
+
+
+def test_bad_parameters_are_user_errors(twin, batch):
+    images, targets = batch
+    loss = AttackLoss("multibox", twin.priors, S)
+    with pytest.raises(LipdetError, match="eps"):
+        pgd_l2(twin, images, targets, loss, -0.1)
+    with pytest.raises(LipdetError, match="steps"):
+        pgd_l2(twin, images, targets, loss, 0.5, steps=0)
+    with pytest.raises(LipdetError, match="queries"):
+        square_l2(twin, images, targets, loss, 0.5, queries=0)
+    with pytest.raises(LipdetError, match="attack-loss"):
+        AttackLoss("nope", twin.priors, S)
