@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -58,14 +59,25 @@ class MultiBoxLoss(nn.Module):
 
     Classification uses cross-entropy on all positives and the hardest negatives, at most
     ``neg_pos_ratio`` negatives per positive (hard negative mining, 3:1 by default).
+
+    ``cls_margin`` (logit units, default 0 = plain cross-entropy) turns it into a Lipschitz-margin
+    cross-entropy (Tsuzuku et al., NeurIPS 2018): every non-target logit of a trained anchor is
+    raised by ``cls_margin`` before the softmax, so the loss keeps pushing until the target leads by
+    more than the margin. For a class map with Lipschitz bound ``L`` (in logit units, temperature
+    included), ``cls_margin = sqrt(2) * eps * L`` trains for certified radius ``eps``
+    (:func:`lipschitz_margin`). Evaluation and post-processing use the raw logits.
     """
 
-    def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3) -> None:
+    def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3,
+                 cls_margin: float = 0.0) -> None:
         super().__init__()
+        if cls_margin < 0:
+            raise ValueError(f"cls_margin must be >= 0, got {cls_margin}")
         self.register_buffer("priors", priors.clone(), persistent=False)
         self.input_size = input_size
         self.alpha = alpha
         self.neg_pos_ratio = neg_pos_ratio
+        self.cls_margin = float(cls_margin)
 
     def forward(self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`.
@@ -77,6 +89,9 @@ class MultiBoxLoss(nn.Module):
         pos = cls_t > 0
         num_pos = pos.sum().clamp_min(1).float()
         loc_loss = F.smooth_l1_loss(loc[pos], loc_t[pos], reduction="sum") / num_pos
+        if self.cls_margin > 0:
+            onehot = F.one_hot(cls_t, logits.shape[-1]).to(logits.dtype)
+            logits = logits + self.cls_margin * (1.0 - onehot)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cls_t.reshape(-1), reduction="none").view_as(cls_t)
         # Hard negative mining: rank negatives by their loss, keep the top ratio * positives per image.
         neg_loss = ce.detach().masked_fill(pos, 0.0)
@@ -86,3 +101,8 @@ class MultiBoxLoss(nn.Module):
         neg = rank < num_neg
         cls_loss = ce[pos | neg].sum() / num_pos
         return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}
+
+
+def lipschitz_margin(eps: float, cls_lipschitz: float = 1.0) -> float:
+    """The logit margin ``sqrt(2) * eps * L`` that certifies radius ``eps`` for a class map bounded by ``L``."""
+    return math.sqrt(2.0) * float(eps) * float(cls_lipschitz)

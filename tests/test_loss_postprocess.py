@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lipdet.boxes import PriorSpec, encode, make_priors
@@ -67,3 +68,31 @@ def test_postprocess_threshold_and_top_k():
         assert len(d["boxes"]) <= 5
         assert (d["scores"] > 0.05).all()
         assert (d["boxes"] >= 0).all() and (d["boxes"] <= S).all()
+
+
+def test_lipschitz_margin_option():
+    """cls_margin raises non-target logits before the CE: same loss as shifting by hand, and it keeps
+    pushing past a lead that plain CE already considers nearly solved."""
+    import math
+
+    import torch.nn.functional as F
+
+    from lipdet.loss import lipschitz_margin
+
+    torch.manual_seed(0)
+    priors = make_priors(PriorSpec())
+    loc = torch.zeros(1, priors.shape[0], 4)
+    logits = torch.randn(1, priors.shape[0], 11)
+    plain = MultiBoxLoss(priors, S)
+    margin = MultiBoxLoss(priors, S, cls_margin=2.0)
+    assert plain.cls_margin == 0.0
+    _, cls_t = match_targets([_target()], priors, S)
+    shifted = logits + 2.0 * (1 - F.one_hot(cls_t, 11).float())
+    torch.testing.assert_close(margin(loc, logits, [_target()])["cls"], plain(loc, shifted, [_target()])["cls"])
+    # a lead of 3 logits: plain CE is small, the margin loss (margin 5) is not
+    lead = torch.zeros(1, priors.shape[0], 11)
+    lead.scatter_(2, cls_t[..., None], 3.0)
+    assert MultiBoxLoss(priors, S, cls_margin=5.0)(loc, lead, [_target()])["cls"] > 10 * plain(loc, lead, [_target()])["cls"]
+    assert lipschitz_margin(0.5, 10.0) == pytest.approx(math.sqrt(2) * 5.0)
+    with pytest.raises(ValueError):
+        MultiBoxLoss(priors, S, cls_margin=-1.0)

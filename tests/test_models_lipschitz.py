@@ -83,8 +83,16 @@ def _scale_fns(model):
     return fns
 
 
+def _temperatures(model, heads="cls_heads"):
+    """Per-scale class-head temperatures (box-head scales with heads="loc_heads"), largest map first."""
+    return [getattr(model, heads)[t].temperature() for t in model.taps]
+
+
 @pytest.mark.parametrize("input_size,width", [(74, 0.125)])
 def test_sll_spectral_network_is_1_lipschitz_per_head(input_size, width):
+    """sll-spectral: at every scale k, input -> pre-scale box offsets and input -> pre-temperature
+    class logits are 1-Lipschitz; the outputs are ``s_k``- resp. ``tau_k``-Lipschitz, and the reported
+    loc / cls bounds count ``s_k`` / ``tau_k``, for the parametrised and the folded model alike."""
     torch.manual_seed(0)
     model = build_model("sll-spectral", width=width, input_size=input_size)
     with torch.no_grad():  # move away from the init so the blocks are not near-identity
@@ -93,19 +101,58 @@ def test_sll_spectral_network_is_1_lipschitz_per_head(input_size, width):
                 p.normal_()
             elif name.endswith("bias"):
                 p.normal_(std=0.3)
+            elif name.endswith("log_temperature"):
+                p.add_(0.5 * torch.randn(()))  # a different learnt tau / s per scale
     model.eval()
+    taus, locs = _temperatures(model), _temperatures(model, "loc_heads")
+    assert len(set(taus)) == 4 and all(t > 1.5 for t in taus + locs)
     table = layer_table(model)
     heads = head_bounds(model, table)
-    assert heads["loc"] <= 1 + TOL and heads["cls"] <= 1 + TOL
+    for scale, tau, s in zip(heads["per_scale"], taus, locs):  # tau / s counted, not hidden
+        assert tau * (1 - 1e-3) <= scale["cls"] <= tau * (1 + TOL)
+        assert s * (1 - 1e-3) <= scale["loc"] <= s * (1 + TOL)
+    assert heads["cls"] == pytest.approx(max(taus), rel=1e-3)
+    assert heads["loc"] == pytest.approx(max(locs), rel=1e-3)
     x = torch.rand(1, 3, input_size, input_size)
-    for size, key, fn in _scale_fns(model):
+    for (size, key, fn), scale in zip(_scale_fns(model), [p for p in heads["per_scale"] for _ in (0, 1)]):
         measured = empirical_lipschitz(fn, x, power_iters=6, ascent_steps=3, pairs=1)
-        assert measured <= 1 + TOL, (size, key, measured)
+        assert measured <= scale[key] * (1 + TOL), (size, key, measured)
+        k = model.prior_spec.feature_sizes.index(size)
+        factor = taus[k] if key == "cls" else locs[k]
+        assert measured / factor <= 1 + TOL, (size, key, measured / factor)  # the pre-scale map is 1-Lipschitz
     folded = fold_model(model)
-    fheads = head_bounds(folded)
-    assert fheads["loc"] <= 1 + TOL and fheads["cls"] <= 1 + TOL
-    for size, key, fn in _scale_fns(folded)[:2]:
-        assert empirical_lipschitz(fn, x, power_iters=8, ascent_steps=0, pairs=2) <= 1 + TOL
+    fheads = head_bounds(folded)  # from the folded weights alone: tau and s are inside the kernels
+    for a, b in zip(heads["per_scale"], fheads["per_scale"]):
+        assert b["cls"] == pytest.approx(a["cls"], rel=1e-4) and b["loc"] == pytest.approx(a["loc"], rel=1e-4)
+    for (size, key, fn), scale in list(zip(_scale_fns(folded), [p for p in fheads["per_scale"] for _ in (0, 1)]))[:2]:
+        assert empirical_lipschitz(fn, x, power_iters=8, ascent_steps=0, pairs=2) <= scale[key] * (1 + TOL)
+
+
+def test_temperature_scales_cls_bound_but_not_certified_radius():
+    """Logits ``tau * z``: margins and the cls bound scale together, so radii are unchanged."""
+    torch.manual_seed(0)
+    model = build_model("sll-spectral", width=0.125, input_size=34).eval()
+    x = torch.rand(2, 3, 34, 34)
+
+    def radii(m):
+        f = fold_model(m)
+        with torch.no_grad():
+            _, logits = f(x)
+        top = logits.topk(2, dim=-1).values
+        return (top[..., 0] - top[..., 1]) / (2 ** 0.5 * head_bounds(f)["cls"])
+
+    r1 = radii(model)
+    with torch.no_grad():
+        for t in model.taps:
+            model.cls_heads[t].log_temperature.add_(1.5)
+    r2 = radii(model)
+    torch.testing.assert_close(r1, r2, rtol=1e-4, atol=1e-7)
+    # no temperature / scale at all (the seed's heads): bounds 1 again
+    seed = build_model("sll-spectral", width=0.125, input_size=34, cls_temperature=1.0,
+                       learn_temperature=False, loc_scale=1.0, learn_loc_scale=False).eval()
+    assert not any("temperature" in k for k in seed.state_dict())
+    hb = head_bounds(seed)
+    assert hb["cls"] <= 1 + TOL and hb["loc"] <= 1 + TOL
 
 
 @pytest.mark.parametrize("arch", ["naive", "sll-l2", "sll-standard"])
@@ -167,12 +214,16 @@ def test_spectral_bf16_training_still_folds_to_1_lipschitz():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    taus = _temperatures(model)
+    init = build_model("sll-spectral", width=0.125, input_size=34)
+    assert all(t != pytest.approx(i, rel=1e-6) for t, i in zip(taus, _temperatures(init)))  # tau is learnt
     folded = fold_model(model)
     heads = head_bounds(folded)
-    assert heads["loc"] <= 1 + TOL and heads["cls"] <= 1 + TOL
-    for tap, size in zip(folded.taps[1:], folded.prior_spec.feature_sizes[1:]):  # small maps: dense SVD
-        for heads_dict in (folded.loc_heads, folded.cls_heads):
-            assert dense_conv_norm(heads_dict[tap].conv.weight, size, 1, 1) <= 1 + TOL
+    locs = _temperatures(model, "loc_heads")
+    assert heads["loc"] <= max(locs) * (1 + TOL) and heads["cls"] <= max(taus) * (1 + TOL)
+    for tap, size, tau, s in list(zip(folded.taps, folded.prior_spec.feature_sizes, taus, locs))[1:]:  # dense SVD
+        assert dense_conv_norm(folded.loc_heads[tap].conv.weight, size, 1, 1) <= s * (1 + TOL)
+        assert dense_conv_norm(folded.cls_heads[tap].conv.weight, size, 1, 1) <= tau * (1 + TOL)
 
 
 def test_plot_and_json(tmp_path):

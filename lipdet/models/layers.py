@@ -431,15 +431,30 @@ class NormConv2d(nn.Module):
       ``k``-Lipschitz and the layer at most ``k sqrt(Cout)``; :meth:`lipschitz_bound` reports the
       measured operator norm).
 
+    Optional output temperature ``tau`` (``temperature`` > 0, ``None`` = none): the layer computes
+    ``tau * (conv(x, W_mode) + b)``, i.e. ``tau`` is part of the effective kernel and bias. The
+    normalised map ``x -> conv(x, W_mode)`` keeps its guarantee (1-Lipschitz in spectral mode) and
+    the layer's bound is ``tau`` times it: :meth:`lipschitz_bound`, :meth:`fold` and therefore
+    ``head_bounds`` of both the parametrised and the folded model include ``tau`` automatically. It
+    lets 1-Lipschitz class logits reach softmax scores above a detection threshold; certified radii
+    (margin / (sqrt(2) L)) do not depend on it, since margin and bound scale together.
+    ``learn_temperature=True`` makes ``log(tau)`` a parameter ``log_temperature`` (init
+    ``log(temperature)``); otherwise ``tau`` is a constant from the config.
+
     Input ``(N, Cin, H, W)`` -> ``(N, Cout, Ho, Wo)``. Parameters ``weight``, ``bias`` (+ buffer ``u``
-    in spectral mode).
+    in spectral mode, + ``log_temperature`` when learnt).
     """
 
     def __init__(self, in_channels: int, out_channels: int, mode: str, input_hw: HW, kernel_size: int = 3,
-                 stride: int = 1, padding: Optional[int] = None, bias: bool = True, train_iters: int = 1) -> None:
+                 stride: int = 1, padding: Optional[int] = None, bias: bool = True, train_iters: int = 1,
+                 temperature: Optional[float] = None, learn_temperature: bool = False) -> None:
         super().__init__()
         if mode not in CONV_MODES:
             raise LipdetError(f"unknown conv mode {mode!r}; choose one of: {', '.join(CONV_MODES)}")
+        if temperature is not None and not float(temperature) > 0:
+            raise LipdetError(f"temperature must be > 0, got {temperature}")
+        if learn_temperature and temperature is None:
+            temperature = 1.0
         self.in_channels, self.out_channels = in_channels, out_channels
         self.mode = mode
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
@@ -455,11 +470,46 @@ class NormConv2d(nn.Module):
         if mode == "spectral":
             u = torch.randn(1, in_channels, *self.input_hw)
             self.register_buffer("u", u / u.norm())
+        self._fixed_temperature: Optional[float] = None
+        self.log_temperature: Optional[nn.Parameter] = None
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(temperature))))
+        elif temperature is not None:
+            self._fixed_temperature = float(temperature)
         self._sigma_cache: Optional[tuple[tuple[int, int, int], float]] = None
 
     @property
     def kind(self) -> str:
         return f"conv-{self.mode}"
+
+    # -- temperature --------------------------------------------------------------------------
+
+    @property
+    def has_temperature(self) -> bool:
+        return self.log_temperature is not None or self._fixed_temperature is not None
+
+    def temperature_tensor(self) -> Optional[Tensor]:
+        """``tau`` as an fp32 scalar tensor (differentiable when learnt), or None without temperature."""
+        if self.log_temperature is not None:
+            return torch.exp(_hi(self.log_temperature))
+        if self._fixed_temperature is not None:
+            return torch.tensor(self._fixed_temperature, dtype=torch.float32, device=self.weight.device)
+        return None
+
+    def temperature(self) -> float:
+        """``tau`` (1.0 without temperature)."""
+        t = self.temperature_tensor()
+        return 1.0 if t is None else float(t.detach())
+
+    def effective_bias(self) -> Optional[Tensor]:
+        """``tau * b`` (``b`` without temperature; None without bias)."""
+        if self.bias is None:
+            return None
+        t = self.temperature_tensor()
+        if t is None:
+            return self.bias
+        with _fp32_context(self.bias):
+            return _hi(self.bias) * t
 
     # -- normalisation ------------------------------------------------------------------------
 
@@ -486,12 +536,21 @@ class NormConv2d(nn.Module):
         return sigma
 
     def effective_weight(self, converge: Optional[bool] = None) -> Tensor:
-        """The normalised kernel ``(Cout, Cin, k, k)`` in fp32.
+        """The normalised kernel ``(Cout, Cin, k, k)`` in fp32, times the temperature if any.
 
         Args:
             converge: spectral mode only: use the converged norm (default: when not training)
                 instead of a few differentiable power iterations.
         """
+        w = self.normalised_weight(converge)
+        t = self.temperature_tensor()
+        if t is None:
+            return w
+        with _fp32_context(w):
+            return w * t
+
+    def normalised_weight(self, converge: Optional[bool] = None) -> Tensor:
+        """The normalised kernel ``(Cout, Cin, k, k)`` in fp32, without the temperature."""
         with _fp32_context(self.weight):
             w32 = _hi(self.weight)
             if self.mode == "standard":
@@ -509,25 +568,32 @@ class NormConv2d(nn.Module):
             return w32 / sigma.clamp_min(1e-12)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.effective_weight(), self.bias, stride=self.stride, padding=self.padding)
+        w, b = self.effective_weight(), self.effective_bias()
+        if not torch.is_autocast_enabled(x.device.type):
+            w = w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+        return F.conv2d(x, w, b, stride=self.stride, padding=self.padding)
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        """Operator norm of the normalised convolution, measured by power iteration (Lanczos) at ``input_hw``."""
+        """Operator norm of the normalised convolution (times ``tau``), measured by power iteration (Lanczos) at ``input_hw``."""
         hw = _need_hw(input_hw, self.input_hw, self)
         w = self.effective_weight(converge=True).detach()
         u0 = self.u if self.mode == "spectral" and hw == self.input_hw else None
         return conv_operator_norm_and_vector(w, hw, self.stride, self.padding, u0=u0)[0]
 
     def fold(self) -> FoldedConv:
-        w = self.effective_weight(converge=True).detach()
+        with torch.no_grad():
+            w = self.effective_weight(converge=True).detach()
+            b = self.effective_bias()
         out = FoldedConv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          bias=self.bias is not None, relu=False, input_hw=self.input_hw)
-        _copy_conv(out.conv, w, None if self.bias is None else self.bias.detach())
+        _copy_conv(out.conv, w, None if b is None else b.detach())
         return out.to(self.weight.device)
 
     def extra_repr(self) -> str:
+        extra = f", temperature={self.temperature():.4g}" if self.has_temperature else ""
         return (f"{self.in_channels}, {self.out_channels}, mode={self.mode}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, input_hw={self.input_hw}")
+                f"stride={self.stride}, padding={self.padding}, input_hw={self.input_hw}{extra}")
 
 
 # --------------------------------------------------------------------------------------------

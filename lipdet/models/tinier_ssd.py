@@ -13,7 +13,12 @@ section 2) and its prior layout: four heads on the outputs of ``fire8, fire9, fi
   (:class:`~lipdet.models.layers.SLLConv2d`), channel changes by zero-padding / keeping the first
   channels (:class:`~lipdet.models.layers.ChannelPad`), every pool a non-overlapping 2x2/2 max-pool
   (1-Lipschitz; same map sizes), no BatchNorm; heads are convs in the arch's mode. With
-  ``sll-spectral`` the map from input pixels to every head output is 1-Lipschitz (L2).
+  ``sll-spectral`` the maps from input pixels to every box head's *pre-scale* offsets and to every
+  class head's *pre-temperature* logits ``z`` are 1-Lipschitz (L2); the class logits
+  are ``tau_k * z`` (``cls_temperature``, per scale ``k``), so input -> logits is ``tau_k``-Lipschitz
+  and that is the bound ``head_bounds`` reports (the temperature lives in the head's effective
+  kernel and bias, hence in the folded weights too). Certified radii do not depend on ``tau``.
+  Likewise box offsets are ``s_k`` times a 1-Lipschitz map (``loc_scale``), ``L_loc = max_k s_k``.
 
   Parameter count (11 classes, 74x74, inner ratio 1, one block per layer): about
   ``345,600 w^2`` for the SLL blocks plus the heads; ``width=4.5`` gives 7,093,104 parameters,
@@ -28,7 +33,19 @@ Architecture extras (``config.options``) of the SLL archs:
 * ``sll_inner_ratio`` (float, default 1.0): inner width of SLL blocks as a fraction of their channels;
 * ``sll_blocks`` (int, default 1): SLL blocks per Tinier SSD layer;
 * ``spectral_train_iters`` (int, default 1): power iterations per training forward (spectral mode).
+* ``cls_temperature`` (float, default 30.0) and ``learn_temperature`` (bool, default True): the
+  class heads output ``tau * (conv(x, W_mode) + b)`` with ``tau`` learnt per head (parameter
+  ``cls_heads.<tap>.log_temperature``, init ``log(cls_temperature)``) or fixed. Without it
+  (``cls_temperature=1.0, learn_temperature=False``: the seed) 1-Lipschitz logits stay within a
+  few tenths of each other, softmax scores stay near 1/11 and never pass the 0.2 threshold.
+* ``loc_scale`` (float, default 4.0) and ``learn_loc_scale`` (bool, default True): the same for the
+  box heads (``loc_heads.<tap>.log_temperature`` when learnt): box offsets ``s * (conv(x, W_mode) + b)``,
+  the pre-scale box map 1-Lipschitz (sll-spectral) and ``s`` counted in ``L_loc``. Unlike the
+  temperature it does shrink box certificates (offsets move by ``L_loc * eps``), but without it the
+  1-Lipschitz box head cannot regress SSD offsets (loc loss stalls near 2).
+  ``cls_temperature=1, learn_temperature=false, loc_scale=1, learn_loc_scale=false`` is the seed.
 """
+
 
 from __future__ import annotations
 
@@ -57,7 +74,9 @@ ARCH_MODES: dict[str, str] = {"sll-spectral": "spectral", "sll-standard": "stand
 
 ARCH_OPTIONS: dict[str, dict[str, Any]] = {
     "naive": {},
-    **{a: {"sll_inner_ratio": 1.0, "sll_blocks": 1, "spectral_train_iters": 1} for a in ARCH_MODES},
+    **{a: {"sll_inner_ratio": 1.0, "sll_blocks": 1, "spectral_train_iters": 1,
+           "cls_temperature": 30.0, "learn_temperature": True,
+           "loc_scale": 4.0, "learn_loc_scale": True} for a in ARCH_MODES},
 }
 """Allowed ``config.options`` keys per architecture, with defaults."""
 
@@ -106,6 +125,8 @@ class LayerPlan:
     inner: int = 0
     ceil_mode: bool = False
     train_iters: int = 1
+    temperature: Optional[float] = None
+    learn_temperature: bool = False
 
 
 def scaled_channels(reference: int, width: float) -> int:
@@ -128,6 +149,12 @@ def resolve_options(cfg: ModelConfig) -> dict[str, Any]:
             raise LipdetError(f"sll_blocks must be >= 1, got {opts['sll_blocks']}")
         if int(opts["spectral_train_iters"]) < 1:
             raise LipdetError(f"spectral_train_iters must be >= 1, got {opts['spectral_train_iters']}")
+        for key in ("cls_temperature", "loc_scale"):
+            if not float(opts[key]) > 0:
+                raise LipdetError(f"{key} must be > 0, got {opts[key]}")
+        for key in ("learn_temperature", "learn_loc_scale"):
+            if not isinstance(opts[key], bool):
+                raise LipdetError(f"{key} must be true or false, got {opts[key]!r}")
     return opts
 
 
@@ -178,15 +205,22 @@ def plan_network(cfg: ModelConfig) -> tuple[list[LayerPlan], list[LayerPlan], li
     if sizes != feature_sizes_for(s):
         raise LipdetError(f"internal error: map sizes {sizes} differ from {feature_sizes_for(s)}")
     anchors = PriorSpec(feature_sizes=sizes).anchors_per_location
+    scales: dict[bool, tuple[Optional[float], bool]] = {True: (None, False), False: (None, False)}
+    if not naive:
+        for is_cls, (k_val, k_learn) in ((True, ("cls_temperature", "learn_temperature")),
+                                         (False, ("loc_scale", "learn_loc_scale"))):
+            val, learn = float(opts[k_val]), bool(opts[k_learn])
+            scales[is_cls] = (None if (val == 1.0 and not learn) else val, learn)  # 1, fixed: no scale at all
     locs, clss = [], []
     for t in TAPS:
         ch, fhw = tap_shapes[t]
-        for outs, dest in ((anchors * 4, locs), (anchors * cfg.num_classes, clss)):
+        for outs, dest, is_cls in ((anchors * 4, locs, False), (anchors * cfg.num_classes, clss, True)):
             if naive:
                 dest.append(LayerPlan(t, "convbn-head", ch, outs, fhw))
             else:
                 dest.append(LayerPlan(t, "normconv", ch, outs, fhw, mode=mode,
-                                      train_iters=int(opts["spectral_train_iters"])))
+                                      train_iters=int(opts["spectral_train_iters"]),
+                                      temperature=scales[is_cls][0], learn_temperature=scales[is_cls][1]))
     return trunk, locs, clss
 
 
@@ -206,7 +240,8 @@ def make_layer(plan: LayerPlan, folded: bool) -> nn.Module:
         if folded:
             return FoldedConv(p.in_channels, p.out_channels, p.kernel_size, relu=False, input_hw=p.input_hw)
         return NormConv2d(p.in_channels, p.out_channels, p.mode, p.input_hw, p.kernel_size,
-                          train_iters=p.train_iters)
+                          train_iters=p.train_iters, temperature=p.temperature,
+                          learn_temperature=p.learn_temperature)
     if p.kind == "sll":
         if folded:
             return FoldedSLL(p.in_channels, p.inner, p.kernel_size, input_hw=p.input_hw)
