@@ -1,0 +1,244 @@
+"""``lipdet train`` refuses bad input with one line and exit 2, before any Ray worker starts.
+
+Also the pieces of the driver and loop that need no Ray: the schedule, augmentation, progress
+bookkeeping, curves and storage helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipdet.cli import main
+from lipdet.errors import LipdetError
+from lipdet.train import trainer
+from lipdet.train.loop import LoopConfig, augment_batch, default_threads, lr_factor
+from lipdet.train.plots import plot_curves
+from lipdet.train.trainer import ProgressMonitor, RunStorage, TrainOptions, check_address, default_epochs, plan_run
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fail loudly if the command gets as far as starting or joining Ray."""
+
+    def boom(*a, **k):
+        raise AssertionError("Ray was started before the input was validated")
+
+    monkeypatch.setattr(trainer, "ray_session", boom)
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fail(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--arch", "resnet"], "unknown --arch 'resnet'"),
+        (["--precision", "fp8"], "unknown --precision"),
+        (["--cpu", "--precision", "fp16"], "fp16 needs a GPU"),
+        (["--resume", "no-such-run"], "no run named 'no-such-run'"),
+        (["--width", "-1"], "--width must be > 0"),
+    ],
+)
+def test_bad_options(args, message, tmp_path, capsys, no_ray):
+    line = _fail([*args, "--out", str(tmp_path / "runs")], capsys)
+    assert message in line
+
+
+def test_gpu_without_a_gpu(tmp_path, capsys, no_ray):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    assert "no CUDA GPU is visible" in _fail(["--gpu", "--out", str(tmp_path)], capsys)
+
+
+def test_data_that_is_not_svhn_format_1(tmp_path, capsys, no_ray):
+    bad = tmp_path / "photos"
+    bad.mkdir()
+    (bad / "cat.png").write_bytes(b"not really")
+    assert "not an SVHN format-1 folder" in _fail(["--data", str(bad), "--out", str(tmp_path)], capsys)
+    assert "not found" in _fail(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)], capsys)
+
+
+def test_data_without_a_test_split(tiny_svhn, tmp_path, capsys, no_ray):
+    import shutil
+
+    only_train = tmp_path / "svhn"
+    shutil.copytree(tiny_svhn / "train", only_train / "train")
+    assert "no test/digitStruct.mat" in _fail(["--data", str(only_train), "--out", str(tmp_path)], capsys)
+
+
+def test_unreachable_address(tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = _unused_port()
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in _fail(
+        ["--address", f"127.0.0.1:{port}", "--out", str(tmp_path)], capsys
+    )
+    assert "not HOST:PORT" in _fail(["--address", "nowhere", "--out", str(tmp_path)], capsys)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # the environment variable is checked too
+    assert "cannot reach" in _fail(["--out", str(tmp_path)], capsys)
+
+
+def test_existing_name_and_bad_epoch_env(tiny_svhn, tmp_path, capsys, no_ray, monkeypatch):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    line = _fail(["--data", str(tiny_svhn), "--out", str(tmp_path / "runs"), "--name", "taken"], capsys)
+    assert "already exists" in line and "--resume taken" in line
+    monkeypatch.setenv("LIPDET_TRAIN_EPOCHS", "many")
+    assert "LIPDET_TRAIN_EPOCHS" in _fail(["--data", str(tiny_svhn), "--out", str(tmp_path / "runs")], capsys)
+
+
+def test_console_script_one_line_error(tmp_path):
+    """Through the installed entry point (a fresh process): one line on stderr, exit 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lipdet.cli", "train", "--workers", "0"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: --workers must be >= 1, got 0"
+
+
+def test_help_documents_the_options_and_the_epoch_variable():
+    from typer.testing import CliRunner
+
+    from lipdet.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for opt in ("--arch", "--data", "--workers", "--gpu", "--cpu", "--epochs", "--batch-size", "--lr", "--width",
+                "--seed", "--out", "--name", "--address", "--max-failures", "--resume", "--precision",
+                "LIPDET_TRAIN_EPOCHS", "lipdet train --workers 2"):
+        assert opt in r.output, opt
+
+
+# ------------------------------------------------------------------------------------------
+# planning without Ray
+# ------------------------------------------------------------------------------------------
+
+
+def test_plan_defaults_and_epoch_env(tiny_svhn, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIPDET_TRAIN_EPOCHS", "3")
+    plan = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False))
+    assert plan.loop.epochs == 3 and default_epochs() == 3
+    assert plan.loop.arch == "naive" and plan.loop.batch_size == 32 and plan.loop.lr == 1e-3
+    assert plan.loop.data_root == str(tiny_svhn.resolve()) and plan.loop.synthetic is False
+    assert plan.run_dir.parent == tmp_path.resolve() and plan.name.startswith("naive-")
+    assert plan.use_gpu is False and plan.workers == 2
+    monkeypatch.delenv("LIPDET_TRAIN_EPOCHS")
+    assert plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), epochs=5)).loop.epochs == 5
+
+
+def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
+    run = tmp_path / "r1"
+    run.mkdir()
+    loop = LoopConfig(data_root=str(tiny_svhn.resolve()), synthetic=False, epochs=2, seed=1)
+    (run / trainer.RUN_FILE).write_text(json.dumps({"loop": loop.to_dict()}))
+    with pytest.raises(LipdetError, match="--arch was naive"):
+        plan_run(TrainOptions(resume="r1", out=str(tmp_path), arch="sll-l2"))
+    plan = plan_run(TrainOptions(resume="r1", out=str(tmp_path), epochs=4))
+    assert plan.resumed and plan.loop.epochs == 4 and plan.loop.seed == 1 and plan.name == "r1"
+
+
+def test_check_address_accepts_a_live_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        check_address(f"127.0.0.1:{s.getsockname()[1]}")
+        check_address(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    check_address("auto")
+
+
+# ------------------------------------------------------------------------------------------
+# loop pieces
+# ------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[warm - 1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1 :]))
+    assert f[-1] < 0.05 and lr_factor(total, total, warm) == pytest.approx(0.02)
+
+
+def test_threads_per_worker():
+    assert default_threads(2, cores=2) == 1
+    assert default_threads(1, cores=2) == 2
+    assert default_threads(4, cores=2) == 1
+    assert default_threads(2, cores=16) == 8
+
+
+def test_augmentation_keeps_boxes_on_their_digits():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(16, 3, 74, 74)
+    targets = []
+    for i in range(16):
+        images[i, :, 20:50, 30:44] = 1.0  # a white "digit"
+        targets.append({"boxes": torch.tensor([[30.0, 20.0, 44.0, 50.0]]), "labels": torch.tensor([i % 10])})
+    out, new = augment_batch(images, targets, gen)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    zoomed = 0
+    for img, t in zip(out, new):
+        x1, y1, x2, y2 = t["boxes"][0].tolist()
+        assert 0 <= x1 < x2 <= 74 and 0 <= y1 < y2 <= 74
+        inside = img[:, int(y1) + 2 : int(y2) - 2, int(x1) + 2 : int(x2) - 2]
+        mask = torch.ones(74, 74, dtype=torch.bool)
+        mask[int(y1) - 1 : int(y2) + 2, int(x1) - 1 : int(x2) + 2] = False
+        outside = img[:, mask]
+        # the digit still contrasts with the background inside its (moved) box
+        assert (inside.mean() - outside.mean()).abs() > 0.2
+        zoomed += int(x2 - x1 < 13.5)
+    assert zoomed > 0  # some images were zoomed out
+    assert [t["labels"].item() for t in new] == [i % 10 for i in range(16)]
+
+
+def test_progress_monitor_writes_one_record_per_epoch_and_forgets_redone_epochs(tmp_path):
+    lines: list[str] = []
+    mon = ProgressMonitor(sink=None, metrics_path=tmp_path / "m.jsonl", epochs=3, show=False, write=lines.append)
+    rec = dict(loss=1.0, loc=0.2, cls=0.6, val_map_50=0.1, val_map=0.05, images_per_s=10.0, lr=1e-3, epochs=3)
+    mon.handle({"kind": "start", "world_size": 2, "start_epoch": 0, "resumed_from": None})
+    mon.handle({"kind": "epoch", "epoch": 1, **rec})
+    mon.handle({"kind": "epoch", "epoch": 2, **rec})
+    # the group died in epoch 3 and restarted from the epoch-1 checkpoint: epoch 2 will be redone
+    mon.handle({"kind": "start", "world_size": 2, "start_epoch": 1, "resumed_from": 1})
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [1]
+    mon.handle({"kind": "epoch", "epoch": 2, **rec, "resumed_from": 1})
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2]
+    assert any("epoch 2/3" in x and "resumed from epoch 1" in x for x in lines)
+
+
+def test_curves_png(tmp_path):
+    hist = [dict(epoch=e, loss=3.0 / e, loc=1.0 / e, cls=1.0 / e, val_map_50=0.1 * e, val_map=0.05 * e)
+            for e in (1, 2, 3)]
+    p = plot_curves(hist, tmp_path / "curves.png", title="t")
+    assert p.read_bytes()[:4] == b"\x89PNG"
+    assert plot_curves([], tmp_path / "empty.png").is_file()
+
+
+def test_run_storage_local(tmp_path):
+    st = RunStorage(str(tmp_path), "r")
+    assert not st.exists() and st.read_text("x.json") is None and not st.remote
+    st.write_bytes("x.json", b"{}")
+    assert st.exists() and st.exists("x.json") and st.read_text("x.json") == "{}"
+    assert Path(st.storage_path) == tmp_path.resolve()

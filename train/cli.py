@@ -1,0 +1,126 @@
+"""``lipdet train``: the command-line face of :mod:`lipdet.train.trainer`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lipdet.train.trainer import DEFAULT_EPOCHS, EPOCHS_ENV, FAULT_ENV, TrainOptions, run_training
+
+
+def command(
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="Architecture: naive, sll-spectral, sll-standard or sll-l2. (default: naive)",
+        show_default=False,
+    ),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="SVHN format-1 folder (train/ and test/ with digitStruct.mat). "
+        "Default: the embedded synthetic SVHN, generated once into the cache.", show_default=False,
+    ),
+    workers: int = typer.Option(2, "--workers", "-w", help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU)."),
+    gpu: Optional[bool] = typer.Option(
+        None, "--gpu/--cpu", help="Train on GPUs (one per worker). (default: --gpu when CUDA is visible)",
+        show_default=False,
+    ),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", "-e", help=f"Epochs. (default: ${EPOCHS_ENV} if set, else {DEFAULT_EPOCHS}; "
+        "with --resume: the run's own)", show_default=False,
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", "-b", help="Global batch (split across workers). (default: 32)", show_default=False
+    ),
+    lr: Optional[float] = typer.Option(
+        None, "--lr", help="Peak Adam learning rate (warm-up, then cosine decay). (default: 1e-3 for naive, 1e-2 for sll-*)", show_default=False
+    ),
+    width: Optional[float] = typer.Option(
+        None, "--width", help="Channel multiplier. (default: 1.0)", show_default=False
+    ),
+    seed: Optional[int] = typer.Option(
+        None, "--seed",
+        help="Seed for init, shuffling and augmentation; a 1-worker CPU run repeats exactly. (default: 0)",
+        show_default=False,
+    ),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o", help="Runs folder, or shared storage (s3://, gs://, an NFS path) for a multi-node "
+        "cluster. (default: $LIPDET_RUNS or ./runs)", show_default=False,
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Run name (folder under --out). (default: <arch>-<date>-<time>)", show_default=False
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of starting a "
+        "local one. (default: $RAY_ADDRESS)", show_default=False,
+    ),
+    max_failures: int = typer.Option(
+        2, "--max-failures", help="Worker failures to recover from (restart from the last checkpoint); -1 = always."
+    ),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue the stopped run NAME under --out from its last checkpoint "
+        "(same settings; --epochs may extend it).", show_default=False,
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", "-p", help="fp32, bf16 (autocast + channels_last; Lipschitz normalisations stay fp32), "
+        "or fp16 (GPU only)."
+    ),
+    val_limit: int = typer.Option(
+        0, "--val-limit", help="Validate on the first N test images only (0 = the whole test split).", hidden=True
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="Torch threads per worker (0 = cores // workers on the node).", hidden=True
+    ),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Photometric + zoom-out augmentation."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar on stderr."),
+) -> None:
+    """Train a detector with Ray Train and write RUN/model.pt, metrics.jsonl and curves.png.
+
+    Each epoch every worker trains on its shard of the train split, then the model is scored
+    (map_50) on the dataset's test split and checkpointed; a worker that dies is replaced and the
+    run continues from the last checkpoint. The run folder is --out/NAME; it becomes the latest run,
+    which `lipdet export` picks up.
+
+    Example (synthetic SVHN, two CPU workers, a few minutes on 2 cores):
+
+        lipdet train --workers 2
+
+    Other examples:
+
+        lipdet train --data ~/svhn --arch sll-l2 --width 4 --epochs 60 --gpu --precision bf16
+
+        lipdet train --address ray://head:10001 --out s3://bucket/lipdet-runs --workers 8 --gpu
+
+        lipdet train --resume naive-20250101-120000 --epochs 40
+
+    Environment: LIPDET_TRAIN_EPOCHS sets the default epoch count (tests use it); LIPDET_RUNS the
+    default --out; RAY_ADDRESS the default --address; LIPDET_SYNTH_SIZE="TRAIN,TEST" the size of
+    the synthetic dataset.
+    """
+    result = run_training(
+        TrainOptions(
+            arch=arch,
+            data=data,
+            workers=workers,
+            gpu=gpu,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            width=width,
+            seed=seed,
+            out=out,
+            name=name,
+            address=address,
+            max_failures=max_failures,
+            resume=resume,
+            precision=precision,
+            threads=threads,
+            val_limit=val_limit,
+            augment=augment,
+            fault=os.environ.get(FAULT_ENV) or None,
+            progress=progress,
+        )
+    )
+    typer.echo(f"model: {result.model_path}")
+    typer.echo(f"metrics: {result.run_dir / 'metrics.jsonl'}  curves: {result.run_dir / 'curves.png'}")
+    typer.echo(f"next: lipdet export {result.model_path}   (or: lipdet export --trt on a GPU machine)")

@@ -1,0 +1,787 @@
+"""The training driver: validate the request, start or join Ray, run a ``TorchTrainer``, collect results.
+
+Order of work in :func:`run_training`:
+
+1. :func:`plan_run` checks every option and the data *before* Ray starts (bad input is a one-line
+   :class:`~lipdet.errors.LipdetError`, exit 2) and decides the run folder.
+2. :func:`ray_session` joins ``--address``/``RAY_ADDRESS`` or an already initialised Ray, or starts a
+   local cluster sized for the workers (and stops it afterwards).
+3. A ``TorchTrainer`` runs :func:`lipdet.train.loop.train_loop_per_worker` on N workers with
+   ``FailureConfig(max_failures)`` and ``CheckpointConfig(num_to_keep)``; Ray's run storage is
+   ``<out>/<name>`` (``RunConfig(storage_path=out, name=name)``), so re-running with the same
+   storage path and name -- ``--resume NAME`` -- restores the latest checkpoint.
+4. While it runs, a thread drains rank 0's progress events: a tqdm bar on stderr, one line per epoch,
+   and ``metrics.jsonl`` rewritten after every epoch.
+5. At the end the last checkpoint becomes ``model.pt`` (``lipdet.artifacts.save_checkpoint``), with
+   ``metrics.jsonl`` and ``curves.png`` beside it, and the run is marked latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from lipdet.errors import LipdetError
+from lipdet.io import write_text_atomic
+from lipdet.train.loop import PRECISIONS, LoopConfig
+
+DEFAULT_EPOCHS = 6
+"""Epochs when neither ``--epochs`` nor ``$LIPDET_TRAIN_EPOCHS`` is given."""
+EPOCHS_ENV = "LIPDET_TRAIN_EPOCHS"
+FAULT_ENV = "LIPDET_TRAIN_FAULT"
+CHECKPOINTS_TO_KEEP = 2
+RUN_FILE = "train.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+MODEL_FILE = "model.pt"
+DEFAULTS: dict[str, Any] = {"arch": "naive", "batch_size": 32, "lr": 1e-3, "width": 1.0, "seed": 0}
+
+SLL_LR = 1e-2
+"""Default peak lr of the ``sll-*`` archs: their learned head temperatures need it (1e-3 leaves
+them nearly frozen; docs/results/beat-the-seed.md measured 0.106 -> 0.230 map_50)."""
+
+
+def default_lr(arch: str) -> float:
+    """The default peak Adam learning rate for ``arch``."""
+    return SLL_LR if arch.startswith("sll-") else DEFAULTS["lr"]
+
+
+@dataclass
+class TrainOptions:
+    """What ``lipdet train`` was asked to do. ``None`` means "default" (or, with ``resume``, "as before")."""
+
+    arch: str | None = None
+    data: Path | None = None
+    workers: int = 2
+    gpu: bool | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    width: float | None = None
+    seed: int | None = None
+    out: str | None = None
+    name: str | None = None
+    address: str | None = None
+    max_failures: int = 2
+    resume: str | None = None
+    precision: str = "fp32"
+    threads: int = 0
+    train_limit: int = 0
+    val_limit: int = 0
+    augment: bool = True
+    fault: str | None = None
+    progress: bool = True
+    model_options: dict[str, Any] = field(default_factory=dict)
+    loss_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunPlan:
+    """A validated run, ready to hand to Ray."""
+
+    name: str
+    storage_path: str  # RunConfig.storage_path (absolute local path or URI)
+    run_dir: Path  # local folder for model.pt, metrics.jsonl, curves.png
+    remote: bool
+    workers: int
+    use_gpu: bool | None  # None: decide from the joined cluster's GPUs
+    max_failures: int
+    loop: LoopConfig
+    data_root: Path
+    resumed: bool
+    previous_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_path: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+    name: str
+
+
+# --------------------------------------------------------------------------------------------
+# Storage: a local folder or a pyarrow filesystem URI (s3://, gs://, ...)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+class RunStorage:
+    """Ray's run folder ``<out>/<name>``, local or remote, for the few files the driver reads/writes."""
+
+    def __init__(self, out: str, name: str) -> None:
+        self.name = name
+        self.remote = _is_uri(out)
+        if self.remote:
+            import pyarrow.fs
+
+            try:
+                self._fs, base = pyarrow.fs.FileSystem.from_uri(out)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+                raise LipdetError(
+                    f"--out {out}: cannot open this storage ({type(e).__name__}: {_first_line(e)})"
+                ) from None
+            self.storage_path = out.rstrip("/")
+            self._base = f"{base.rstrip('/')}/{name}"
+            self.local = None
+        else:
+            root = Path(out.removeprefix("file://")).expanduser().resolve()
+            self.storage_path = str(root)
+            self.local = root / name
+
+    def exists(self, rel: str = "") -> bool:
+        if self.local is not None:
+            return (self.local / rel).exists() if rel else self.local.is_dir()
+        import pyarrow.fs
+
+        path = f"{self._base}/{rel}" if rel else self._base
+        return self._fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str | None:
+        if not self.exists(rel):
+            return None
+        if self.local is not None:
+            return (self.local / rel).read_text()
+        with self._fs.open_input_stream(f"{self._base}/{rel}") as f:
+            return f.read().decode("utf-8")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.local is not None:
+            self.local.mkdir(parents=True, exist_ok=True)
+            from lipdet.io import write_bytes_atomic
+
+            write_bytes_atomic(self.local / rel, data)
+            return
+        self._fs.create_dir(self._base, recursive=True)
+        with self._fs.open_output_stream(f"{self._base}/{rel}") as f:
+            f.write(data)
+
+    def upload(self, local_file: Path) -> None:
+        """Copy a local artifact into the run folder (no-op when the run folder is local)."""
+        if self.local is None:
+            self.write_bytes(local_file.name, local_file.read_bytes())
+
+    def describe(self) -> str:
+        return str(self.local) if self.local is not None else f"{self.storage_path}/{self.name}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (no Ray yet)
+# --------------------------------------------------------------------------------------------
+
+
+def default_epochs() -> int:
+    """``$LIPDET_TRAIN_EPOCHS`` if set, else :data:`DEFAULT_EPOCHS`."""
+    raw = os.environ.get(EPOCHS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_EPOCHS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise LipdetError(f"${EPOCHS_ENV} must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise LipdetError(f"${EPOCHS_ENV} must be >= 1, got {value}")
+    return value
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """Fail fast (one line) when a ``host:port`` Ray address does not answer."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LipdetError(f"--address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise LipdetError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__})") from None
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _resolve_data(data: Path | None) -> tuple[Path, bool]:
+    from lipdet.data.dataset import resolve_data
+
+    root = Path(resolve_data(data)).resolve()
+    return root, data is None
+
+
+def plan_run(opts: TrainOptions) -> RunPlan:
+    """Check every option and the data, decide names and folders. Raises LipdetError; starts no Ray."""
+    from lipdet.models.config import ARCHS
+    from lipdet.runs import new_run_name, runs_root
+
+    if opts.workers < 1:
+        raise LipdetError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.epochs is not None and opts.epochs < 1:
+        raise LipdetError(f"--epochs must be >= 1, got {opts.epochs}")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise LipdetError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.lr is not None and not opts.lr > 0:
+        raise LipdetError(f"--lr must be > 0, got {opts.lr}")
+    if opts.width is not None and not opts.width > 0:
+        raise LipdetError(f"--width must be > 0, got {opts.width}")
+    if opts.max_failures < -1:
+        raise LipdetError(f"--max-failures must be >= 0 (or -1 for unlimited), got {opts.max_failures}")
+    if opts.arch is not None and opts.arch not in ARCHS:
+        raise LipdetError(f"unknown --arch {opts.arch!r}; choose one of: {', '.join(ARCHS)}")
+    if opts.precision not in PRECISIONS:
+        raise LipdetError(f"unknown --precision {opts.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if opts.name is not None and opts.resume is not None and opts.name != opts.resume:
+        raise LipdetError("--name and --resume name different runs; --resume NAME alone continues NAME")
+    for label, value in (("--name", opts.name), ("--resume", opts.resume)):
+        if value is not None and (not value or "/" in value or value in (".", "..") or value.startswith(".")):
+            raise LipdetError(f"{label} must be a plain folder name, got {value!r}")
+    address = opts.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_address(address)
+    if opts.gpu and not address and not _cuda_visible():
+        raise LipdetError(
+            "--gpu asked for, but no CUDA GPU is visible (use --cpu, or join a GPU cluster with --address)"
+        )
+    # With --address and neither --gpu nor --cpu, the cluster decides (resolved once Ray is joined).
+    use_gpu: bool | None = bool(opts.gpu) if opts.gpu is not None else (None if address else _cuda_visible())
+    if opts.precision == "fp16" and use_gpu is False:
+        raise LipdetError("--precision fp16 needs a GPU (use bf16 on the CPU)")
+
+    out = str(opts.out) if opts.out is not None else str(runs_root(None))
+    epochs = opts.epochs
+    if opts.resume is not None:
+        storage = RunStorage(out, opts.resume)
+        saved_text = storage.read_text(RUN_FILE)
+        if saved_text is None:
+            raise LipdetError(f"no run named {opts.resume!r} to resume under {out}")
+        try:
+            saved = json.loads(saved_text)
+            loop = LoopConfig.from_dict(saved["loop"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LipdetError(f"{storage.describe()}/{RUN_FILE} is not a lipdet run description") from None
+        for label, given, before in (
+            ("--arch", opts.arch, loop.arch),
+            ("--width", opts.width, loop.width),
+            ("--seed", opts.seed, loop.seed),
+            ("--batch-size", opts.batch_size, loop.batch_size),
+            ("--lr", opts.lr, loop.lr),
+        ):
+            if given is not None and given != before:
+                raise LipdetError(
+                    f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
+                )
+        if opts.data is not None and Path(opts.data).resolve() != Path(loop.data_root):
+            raise LipdetError(f"--resume continues {opts.resume} on its own data ({loop.data_root}); drop --data")
+        data_root, synthetic = Path(loop.data_root), loop.synthetic
+        if synthetic:
+            data_root, _ = _resolve_data(None)
+        elif not data_root.is_dir():
+            raise LipdetError(f"the data of run {opts.resume} is gone: {data_root}")
+        done = _finished_epochs(storage)
+        if epochs is None:
+            epochs = loop.epochs
+        if done is not None and done >= epochs:
+            raise LipdetError(
+                f"run {opts.resume} already finished {done} epochs; pass --epochs N (N > {done}) to train it longer"
+            )
+        loop.epochs = epochs
+        loop.data_root = str(data_root)
+        loop.precision = opts.precision
+        loop.use_gpu = bool(use_gpu)
+        loop.threads = opts.threads
+        loop.fault = opts.fault
+        previous = _read_history(storage)
+        name = opts.resume
+    else:
+        data_root, synthetic = _resolve_data(opts.data)
+        epochs = epochs if epochs is not None else default_epochs()
+        if opts.name is not None:
+            name = opts.name
+            storage = RunStorage(out, name)
+            if storage.exists():
+                raise LipdetError(
+                    f"a run named {name!r} already exists under {out}: continue it with --resume {name}, "
+                    "or pick another --name"
+                )
+        else:
+            local_root = Path(out) if not _is_uri(out) else runs_root(None)
+            name = new_run_name(opts.arch or DEFAULTS["arch"], local_root)
+            storage = RunStorage(out, name)
+        loop = LoopConfig(
+            arch=opts.arch or DEFAULTS["arch"],
+            width=opts.width if opts.width is not None else DEFAULTS["width"],
+            model_options=dict(opts.model_options),
+            loss_options=dict(opts.loss_options),
+            data_root=str(data_root),
+            synthetic=synthetic,
+            epochs=epochs,
+            batch_size=opts.batch_size or DEFAULTS["batch_size"],
+            lr=opts.lr if opts.lr is not None else default_lr(opts.arch or DEFAULTS["arch"]),
+            seed=opts.seed if opts.seed is not None else DEFAULTS["seed"],
+            precision=opts.precision,
+            use_gpu=bool(use_gpu),
+            threads=opts.threads,
+            augment=opts.augment,
+            train_limit=opts.train_limit,
+            val_limit=opts.val_limit,
+            fault=opts.fault,
+            run_name=name,
+        )
+        try:  # unknown widths/options are user errors too: build the config once here
+            from lipdet.models.config import ModelConfig
+
+            ModelConfig(arch=loop.arch, width=loop.width, input_size=loop.input_size, options=dict(loop.model_options))
+        except LipdetError:
+            raise
+        previous = []
+    check_splits(data_root, loop.input_size)
+    run_dir = storage.local if storage.local is not None else runs_root(None) / name
+    return RunPlan(
+        name=name,
+        storage_path=storage.storage_path,
+        run_dir=run_dir,
+        remote=storage.remote,
+        workers=opts.workers,
+        use_gpu=use_gpu,
+        max_failures=opts.max_failures,
+        loop=loop,
+        data_root=data_root,
+        resumed=opts.resume is not None,
+        previous_history=previous,
+    )
+
+
+def check_splits(root: Path, input_size: int) -> None:
+    """Read (and cache) both splits once here, so bad data fails before Ray and workers start warm."""
+    from lipdet.data.dataset import SVHNDetection
+
+    for split in ("train", "test"):
+        if not (root / split / "digitStruct.mat").is_file():
+            role = "training" if split == "train" else "validation (map_50 each epoch)"
+            raise LipdetError(f"{root} has no {split}/digitStruct.mat: lipdet train needs it for {role}")
+        ds = SVHNDetection(root, split=split, input_size=input_size, seed=0)
+        if len(ds) == 0:
+            raise LipdetError(f"{root / split}: no usable images")
+        del ds
+
+
+def _finished_epochs(storage: RunStorage) -> int | None:
+    """Epochs the run had finished when it last wrote model.pt (recorded in train.json)."""
+    text = storage.read_text(RUN_FILE)
+    if not text:
+        return None
+    with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
+        done = json.loads(text).get("finished_epochs")
+        return int(done) if done is not None else None
+    return None
+
+
+def _read_history(storage: RunStorage) -> list[dict[str, Any]]:
+    text = storage.read_text(METRICS_FILE) or ""
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and "epoch" in rec:
+                out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, workers: int) -> Iterator[bool]:
+    """Attach to Ray (an initialised one, ``address``/``RAY_ADDRESS``) or start a local cluster.
+
+    Yields True when this call started the cluster (and will stop it on exit).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # log_to_driver=False: the loop prints nothing (progress comes through ProgressSink, errors
+    # through TrainingFailedError), and without the dashboard Ray Train's placement-group cleaner
+    # would flood the console with "State API may be temporarily unavailable" warnings.
+    quiet = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+    try:
+        if address:
+            ray.init(address=address, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+        else:
+            ray.init(num_cpus=max(_cores(), workers), **quiet)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        where = f"at {address}" if address else "locally"
+        raise LipdetError(f"cannot start or join Ray {where}: {_first_line(e)}") from None
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def check_resources(workers: int, use_gpu: bool) -> None:
+    """One-line error when the cluster can never fit the workers (instead of waiting forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    kind = "GPU" if use_gpu else "CPU"
+    have = float(total.get(kind, 0.0))
+    if have < workers:
+        raise LipdetError(
+            f"--workers {workers} needs {workers} {kind}s but the Ray cluster has {have:g}"
+            + (" (a GPU run needs one GPU per worker)" if use_gpu else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+
+def format_epoch(rec: dict[str, Any]) -> str:
+    """One progress line per epoch."""
+    return (
+        f"epoch {rec['epoch']}/{rec.get('epochs', '?')}  loss {rec['loss']:.3f} "
+        f"(loc {rec['loc']:.3f} cls {rec['cls']:.3f})  val map_50 {rec['val_map_50']:.3f}  "
+        f"{rec['images_per_s']:.0f} img/s  lr {rec['lr']:.2e}"
+        + (f"  [resumed from epoch {rec['resumed_from']}]" if rec.get("resumed_from") is not None else "")
+    )
+
+
+class ProgressMonitor:
+    """Drains rank 0's events in a thread: live bar + per-epoch lines on stderr, metrics.jsonl on disk."""
+
+    def __init__(
+        self,
+        sink: Any,
+        metrics_path: Path,
+        epochs: int,
+        history: list[dict[str, Any]] | None = None,
+        show: bool = True,
+        write: Callable[[str], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.metrics_path = metrics_path
+        self.epochs = epochs
+        self.records: dict[int, dict[str, Any]] = {int(r["epoch"]): r for r in history or []}
+        self.show = show
+        self.write = write or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.world_size: int | None = None
+        self._bar = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lipdet-progress", daemon=True)
+
+    def start(self) -> "ProgressMonitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._poll()  # whatever arrived last
+        self._close_bar()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        import ray
+
+        try:
+            events = ray.get(self.sink.drain.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            return
+        for ev in events:
+            self.handle(ev)
+
+    def handle(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("kind")
+        if kind == "start":
+            self.world_size = ev.get("world_size")
+            start = int(ev.get("start_epoch") or 0)
+            # A restarted attempt: forget epochs after its checkpoint (they will be redone).
+            self.records = {e: r for e, r in self.records.items() if e <= start}
+            self._write_metrics()
+            msg = (
+                f"{ev.get('world_size')} worker(s) on {ev.get('device')}, {ev.get('threads')} torch thread(s) each; "
+                f"{ev.get('train_images')} train / {ev.get('val_images')} val images, "
+                f"{ev.get('steps_per_epoch')} steps per epoch"
+            )
+            if ev.get("resumed_from") is not None:
+                msg += f"; resuming after epoch {ev['resumed_from']}"
+            self._echo(msg)
+        elif kind == "step":
+            self._step(ev)
+        elif kind == "epoch":
+            self._close_bar()
+            rec = {k: v for k, v in ev.items() if k not in ("kind",)}
+            self.records[int(rec["epoch"])] = rec
+            self._write_metrics()
+            self._echo(format_epoch(rec))
+
+    def _step(self, ev: dict[str, Any]) -> None:
+        if not self.show:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover
+            return
+        if self._bar is None or getattr(self._bar, "_lipdet_epoch", None) != ev["epoch"]:
+            self._close_bar()
+            self._bar = tqdm(
+                total=int(ev["steps"]), desc=f"epoch {ev['epoch']}/{self.epochs}", file=sys.stderr,
+                leave=False, dynamic_ncols=True, disable=None,
+            )
+            self._bar._lipdet_epoch = ev["epoch"]
+        self._bar.n = int(ev["step"])
+        self._bar.set_postfix(loss=f"{ev['loss']:.3f}", img_s=f"{ev['images_per_s']:.0f}", refresh=False)
+        self._bar.refresh()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _echo(self, line: str) -> None:
+        if self._bar is not None:
+            self._close_bar()
+        self.write(line)
+
+    def history(self) -> list[dict[str, Any]]:
+        return [self.records[e] for e in sorted(self.records)]
+
+    def _write_metrics(self) -> None:
+        write_metrics(self.metrics_path, self.history())
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """``metrics.jsonl``: one JSON object per epoch, in epoch order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in history))
+
+
+def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def build_trainer(plan: RunPlan, progress_sink: Any = None, train_fn: Callable | None = None):
+    """The ``TorchTrainer`` for ``plan`` (exposed for the benchmark and tests)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lipdet.train.loop import train_loop_per_worker
+
+    try:
+        from ray.train import LoggingConfig
+
+        logging_kw = {"logging_config": LoggingConfig(log_level="WARNING")}
+    except ImportError:  # pragma: no cover - older Ray
+        logging_kw = {}
+    config = plan.loop.to_dict()
+    if progress_sink is not None:
+        config["progress"] = progress_sink
+    return TorchTrainer(
+        train_fn or train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu),
+        run_config=RunConfig(
+            name=plan.name,
+            storage_path=plan.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+            failure_config=FailureConfig(max_failures=plan.max_failures),
+            **logging_kw,
+        ),
+    )
+
+
+def run_training(opts: TrainOptions, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Everything ``lipdet train`` does; returns where the model went and its metrics."""
+    say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    plan = plan_run(opts)
+    storage = RunStorage(plan.storage_path, plan.name)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    run_record = {
+        "name": plan.name,
+        "storage": storage.describe(),
+        "loop": {k: v for k, v in plan.loop.to_dict().items() if k != "fault"},
+        "workers": plan.workers,
+        "use_gpu": plan.use_gpu,
+    }
+    storage.write_bytes(RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True).encode())
+    if storage.remote:
+        write_text_atomic(plan.run_dir / RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True))
+    what = "resuming" if plan.resumed else "training"
+    say(
+        f"{what} {plan.loop.arch} (width {plan.loop.width:g}) for {plan.loop.epochs} epochs on "
+        f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
+        f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
+        f"{plan.loop.precision}, batch {plan.loop.batch_size}, "
+        f"lr {plan.loop.lr:g}, seed {plan.loop.seed} -> {storage.describe()}"
+    )
+    t0 = time.perf_counter()
+    with ray_session(opts.address, plan.workers):
+        if plan.use_gpu is None:
+            plan.use_gpu = cluster_gpus() >= plan.workers
+            plan.loop.use_gpu = plan.use_gpu
+            if plan.loop.precision == "fp16" and not plan.use_gpu:
+                raise LipdetError("--precision fp16 needs a GPU and the Ray cluster has too few for the workers")
+        check_resources(plan.workers, plan.use_gpu)
+        from lipdet.train.loop import make_progress_sink
+
+        sink = make_progress_sink()
+        monitor = ProgressMonitor(
+            sink, plan.run_dir / METRICS_FILE, plan.loop.epochs, history=plan.previous_history,
+            show=opts.progress, write=say,
+        ).start()
+        trainer = build_trainer(plan, progress_sink=sink)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001
+            from ray.train import TrainingFailedError
+
+            if isinstance(e, TrainingFailedError):
+                raise LipdetError(
+                    f"training failed ({_first_line(e)}); continue it with: lipdet train --resume {plan.name}"
+                    + (f" --out {opts.out}" if opts.out is not None else ""),
+                    exit_code=1,
+                ) from e
+            raise
+        finally:
+            monitor.stop()
+            with contextlib.suppress(Exception):
+                import ray
+
+                ray.kill(sink)
+        if result.checkpoint is None:
+            raise LipdetError(f"training of {plan.name} reported no checkpoint", exit_code=1)
+        with result.checkpoint.as_directory() as folder:
+            from lipdet.train.loop import load_train_state
+
+            state = load_train_state(folder)
+    seconds = time.perf_counter() - t0
+    if int(state["epoch"]) < plan.loop.epochs:
+        raise LipdetError(
+            f"run {plan.name} stopped after epoch {state['epoch']}/{plan.loop.epochs}; "
+            f"continue it with: lipdet train --resume {plan.name}",
+            exit_code=130,
+        )
+    return finish_run(plan, storage, state, seconds, say)
+
+
+def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], seconds: float, say) -> TrainResult:
+    """Write model.pt, metrics.jsonl and curves.png from the final checkpoint; mark the run latest."""
+    from lipdet.artifacts import save_checkpoint
+    from lipdet.models import build_from_config
+    from lipdet.models.config import ModelConfig
+    from lipdet.runs import mark_latest
+    from lipdet.train.plots import plot_curves
+
+    history = [_jsonable(r) for r in state.get("history") or []]
+    last = history[-1] if history else {}
+    model = build_from_config(ModelConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    meta = {
+        "run": plan.name,
+        "arch": plan.loop.arch,
+        "width": plan.loop.width,
+        "data": {"root": str(plan.data_root), "synthetic": bool(plan.loop.synthetic)},
+        "epochs": int(state["epoch"]),
+        "metrics": last,
+        "train": {
+            "workers": plan.workers,
+            "gpu": plan.use_gpu,
+            "precision": plan.loop.precision,
+            "batch_size": plan.loop.batch_size,
+            "lr": plan.loop.lr,
+            "seed": plan.loop.seed,
+            "augment": plan.loop.augment,
+            "storage": storage.describe(),
+            "seconds": round(seconds, 1),
+        },
+        "validation": "the dataset's test split"
+        + (f" (first {plan.loop.val_limit} images)" if plan.loop.val_limit else ""),
+    }
+    run_dir = plan.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = save_checkpoint(run_dir / MODEL_FILE, model, meta)
+    write_metrics(run_dir / METRICS_FILE, history)
+    curves = plot_curves(history, run_dir / CURVES_FILE, title=plan.name)
+    for f in (model_path, run_dir / METRICS_FILE, curves):
+        storage.upload(f)
+    record = json.loads(storage.read_text(RUN_FILE) or "{}")
+    record["finished_epochs"] = int(state["epoch"])
+    storage.write_bytes(RUN_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    mark_latest(run_dir)
+    minutes, secs = divmod(int(round(seconds)), 60)
+    say(
+        f"done in {minutes}m{secs:02d}s: val map_50 {last.get('val_map_50', float('nan')):.3f} "
+        f"(map {last.get('val_map', float('nan')):.3f}) after {state['epoch']} epochs"
+    )
+    return TrainResult(
+        run_dir=run_dir, model_path=model_path, metrics=last, history=history, seconds=seconds, name=plan.name
+    )
+
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "EPOCHS_ENV",
+    "RunPlan",
+    "RunStorage",
+    "TrainOptions",
+    "TrainResult",
+    "build_trainer",
+    "check_address",
+    "default_epochs",
+    "plan_run",
+    "ray_session",
+    "run_training",
+    "write_metrics",
+]
