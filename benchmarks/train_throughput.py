@@ -143,8 +143,8 @@ def main() -> None:
     base = {p: ips for name, p, ips in rows if name.startswith("plain")}
     fp32 = {name: ips for name, p, ips in rows if p == "fp32"}
     print()
-    print(f"| setup | precision | images/s | vs plain (same precision) | vs fp32 (same setup) |")
-    print(f"|---|---|---:|---:|---:|")
+    print("| setup | precision | images/s | vs plain (same precision) | vs fp32 (same setup) |")
+    print("|---|---|---:|---:|---:|")
     for name, p, ips in rows:
         vs_plain = ips / base[p] if base.get(p) else float("nan")
         vs_fp32 = ips / fp32[name] if fp32.get(name) else float("nan")

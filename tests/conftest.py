@@ -18,6 +18,18 @@ import pytest
 RAY_NUM_CPUS = 2
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread in the test process: small convs run faster and deterministically that way
+    on a 2-core machine (Ray workers set their own thread counts)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's local Ray cluster (2 CPUs: two CPU workers fit). Yields ``ray``."""

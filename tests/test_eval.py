@@ -28,14 +28,6 @@ S = 74
 LOW = dict(score_threshold=0.02)  # many low-score detections: a long precision-recall curve for the COCO check
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, tiny_svhn: Path):
     """The session's tiny synthetic SVHN, a naive Tinier SSD trained a few dozen steps, fp32 + int8 ONNX."""

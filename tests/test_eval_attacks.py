@@ -22,15 +22,6 @@ from lipdet.models import build_model, fold_model
 S = 32  # the smallest input Tinier SSD accepts: fast, and the attacks do not care
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one intra-op thread is both faster and deterministic."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def twin() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -26,14 +26,6 @@ from lipdet.postprocess import PostprocessConfig, postprocess
 S = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class MarginAttack:
     """Attack loss: push the watched anchors' runner-up logit above their top (clean) class."""
 

@@ -7,7 +7,6 @@ Real files and real ONNX Runtime sessions throughout; models are tiny (sll-spect
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np

@@ -20,14 +20,6 @@ from lipdet.models.layers import (
 PLAIN = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.ModuleDict, FoldedConv, FoldedSLL, ChannelPad)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     scale = max(float(a.abs().max()), 1e-12)
     err = float((a - b).abs().max())

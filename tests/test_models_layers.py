@@ -24,15 +24,6 @@ FEW = settings(max_examples=4, deadline=None, derandomize=True,
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs are far faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _holds(bound: float, measured: float) -> bool:
     return measured <= bound * (1 + TOL) + 1e-6
 

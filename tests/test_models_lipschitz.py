@@ -26,14 +26,6 @@ FEW = settings(max_examples=4, deadline=None, derandomize=True,
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dense_conv_norm(weight: torch.Tensor, hw: int, stride: int, padding: int) -> float:
     """Largest singular value of the conv's explicit matrix, built column by column from basis vectors."""
     w = weight.detach().double()

@@ -17,14 +17,6 @@ from lipdet.models import (
 from lipdet.models.layers import SLLConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_naive_parameter_count_is_the_reference():
     assert count_parameters(build_model("naive")) == 337_968
 
