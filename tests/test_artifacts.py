@@ -61,6 +61,16 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_path_gives_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_path_unwritable_folder(tmp_path):
     with pytest.raises(LipdetError, match="does not exist"):
         with atomic_path(tmp_path / "missing" / "x.onnx"):
