@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data, resolve_training_data
 from lipdet.errors import LipdetError
 from lipdet.eval.attacks import ATTACK_LOSSES, AttackLoss, image_seed, pgd_l2, square_l2
 from lipdet.eval.certify import CERTIFIED_DEFINITION, AnchorBounds, certified_share, certify_image
@@ -157,51 +158,27 @@ class EvalSettings:
 # data
 
 
-def _card_data_root(card: dict[str, Any] | None, meta: dict[str, Any] | None) -> tuple[Path | None, bool]:
-    """(root, synthetic) of the training data recorded in a model card or checkpoint meta."""
-    for src in (card or {}).get("data"), (meta or {}).get("data"):
-        if isinstance(src, dict):
-            root = src.get("root")
-            return (Path(root) if root else None), bool(src.get("synthetic"))
-        if isinstance(src, str) and src:
-            return Path(src), False
-    return None, False
-
-
 def resolve_eval_data(data: str | Path | None, backend: Any) -> tuple[Path, str]:
     """The data root to evaluate on and a short note on where it came from.
 
-    ``data`` if given; else the dataset the model was trained on (model card ``data.root``, or the
-    checkpoint meta's ``data`` for ``.pt``) if that folder exists; else the embedded synthetic set.
+    ``data`` if given; else the dataset the model was trained on (model card ``data``, or the
+    checkpoint meta's ``data`` for ``.pt``), else the embedded synthetic set.
     """
-    resolve_data = _data_api("resolve_data")
     if data is not None:
         return Path(resolve_data(Path(data))), f"--data {data}"
     meta = getattr(getattr(backend, "model", None), "checkpoint_meta", None) or getattr(backend, "meta", None)
-    root, synthetic = _card_data_root(getattr(backend, "card", None), meta if isinstance(meta, dict) else None)
-    if root is not None and root.is_dir():  # also an embedded synthetic set, if its cache folder is still there
-        return Path(resolve_data(root)), ("training data (synthetic) " if synthetic else "training data ") + str(root)
-    note = "embedded synthetic data" + (f" (training data {root} not found)" if root is not None else "")
-    return Path(resolve_data(None)), note
+    recorded = (getattr(backend, "card", None) or {}).get("data")
+    if recorded is None and isinstance(meta, dict):
+        recorded = meta.get("data")
+    return resolve_training_data(recorded)
 
 
 def open_dataset(root: Path, split: str, input_size: int) -> Any:
-    return _data_api("SVHNDetection")(root, split=split, input_size=input_size, seed=0)
-
-
-def _data_api(name: str) -> Any:
-    """``lipdet.data.<name>`` (the data stage's public API; its module as a fallback)."""
-    import lipdet.data
-
-    if hasattr(lipdet.data, name):
-        return getattr(lipdet.data, name)
-    from lipdet.data import dataset
-
-    return getattr(dataset, name)
+    return SVHNDetection(root, split=split, input_size=input_size, seed=0)
 
 
 def _collate(items: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[Tensor, list[dict[str, Any]]]:
-    images, targets = _data_api("detection_collate")(list(items))
+    images, targets = detection_collate(list(items))
     return images.float().contiguous(), list(targets)
 
 

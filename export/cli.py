@@ -50,17 +50,12 @@ class ExportResult:
 
 def _data_root(meta_data: dict[str, Any] | None, say) -> Path:
     """The checkpoint's dataset folder, or the embedded synthetic one if it is gone."""
-    from lipdet.data.dataset import resolve_data
+    from lipdet.data.dataset import resolve_training_data
 
-    root = (meta_data or {}).get("root")
-    if root and Path(root).is_dir():
-        try:
-            return resolve_data(Path(root))
-        except LipdetError:
-            pass
-    if root:
-        say(f"note: the training data {root} is not available here; using the embedded synthetic SVHN")
-    return resolve_data(None)
+    root, note = resolve_training_data(meta_data)
+    if "not available" in note:
+        say(f"note: {note}")
+    return root
 
 
 def _load_split(root: Path, split: str, input_size: int, n: int, seed: int = 0):

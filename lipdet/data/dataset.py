@@ -387,3 +387,23 @@ def resolve_data(data: Path | None) -> Path:
             f"{data} is not an SVHN format-1 folder (expected train/digitStruct.mat or test/digitStruct.mat)"
         )
     return data
+
+
+def resolve_training_data(recorded: "dict | str | None") -> tuple[Path, str]:
+    """The dataset a model was trained on, as recorded in its checkpoint meta / model card ``data``.
+
+    ``recorded`` is ``{"root": ..., "synthetic": bool}`` (or a bare path). Returns the folder and a
+    short note on where it came from; falls back to the embedded synthetic SVHN when nothing is
+    recorded or the recorded folder is missing or no longer SVHN format 1.
+    """
+    if isinstance(recorded, str):
+        recorded = {"root": recorded}
+    root = (recorded or {}).get("root") if isinstance(recorded, dict) else None
+    synthetic = bool((recorded or {}).get("synthetic")) if isinstance(recorded, dict) else False
+    if root and Path(root).is_dir():
+        try:
+            return resolve_data(Path(root)), ("training data (synthetic) " if synthetic else "training data ") + str(root)
+        except LipdetError:
+            pass
+    note = "embedded synthetic data" + (f" (training data {root} not available here)" if root else "")
+    return resolve_data(None), note
