@@ -41,3 +41,15 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     assert "Traceback" not in r.stderr
+
+
+def test_experiment_help_and_bad_options_exit_2(tmp_path):
+    r = runner.invoke(app, ["experiment", "--help"])
+    assert r.exit_code == 0 and "lipdet experiment" in r.output
+    for args, word in ((["--archs", "bogus"], "--archs"), (["--precision", "fp8"], "--precision"),
+                       (["--data", str(tmp_path / "missing")], "data folder not found")):
+        r = subprocess.run([sys.executable, "-m", "lipdet.cli", "experiment", *args, "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and word in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything is written
