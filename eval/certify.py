@@ -4,8 +4,8 @@ Background (technical brief, section 4): if the map from the input image to an a
 logits is ``L``-Lipschitz in L2, the anchor's top class cannot change under any perturbation with
 ``||delta||_2 < margin / (sqrt(2) * L)``, where ``margin`` is the top logit minus the runner-up.
 If the map to its four encoded box offsets is ``L_loc``-Lipschitz, those offsets move by at most
-``L_loc * eps`` (in L2, hence also per coordinate). NMS and the score threshold are not continuous,
-so certificates are stated on the raw, per-anchor outputs.
+``L_loc * eps`` jointly in L2 (:func:`box_radius` bounds the IoU over that whole ball). NMS and the
+score threshold are not continuous, so certificates are stated on the raw, per-anchor outputs.
 
 The bounds come from :func:`lipdet.models.lipschitz.head_bounds` on the differentiable twin, i.e.
 from the deployed artifact's own weights, one ``(L_loc, L_cls)`` pair per feature-map scale.
@@ -33,8 +33,8 @@ CERTIFIED_DEFINITION = (
     "Each such detection comes from one anchor p at feature-map scale k. The anchor's certified radius is "
     "r_p = min(r_cls, r_box): r_cls = (z_top - z_second) / (sqrt(2) * L_cls[k]) if p's top logit over all "
     "11 classes (background included) is g's digit, else 0; r_box is the largest eps for which every box whose "
-    "four encoded offsets each lie within L_loc[k] * eps of the clean offsets still has IoU >= 0.5 with g "
-    "(a closed-form lower bound on the IoU, found by bisection). L_cls[k] and L_loc[k] are the L2 Lipschitz "
+    "four encoded offsets lie within L2 distance L_loc[k] * eps of the clean offsets still has IoU >= 0.5 with g "
+    "(a closed-form lower bound on the IoU, minimised over a covering of the L2 ball, found by bisection). L_cls[k] and L_loc[k] are the L2 Lipschitz "
     "bounds, input image -> that scale's class logits / box offsets, recomputed from the artifact's weights. "
     "g is certified at eps when one of its correct detections has r_p > eps; the share is certified objects "
     "over all ground-truth objects. Guarantee: under any perturbation with ||delta||_2 <= eps (L2 over the "
@@ -110,42 +110,85 @@ def iou_lower_bound(offsets: Tensor, priors: Tensor, gt: Tensor, b: Tensor) -> T
     """Lower bound on IoU(box, gt) over all boxes whose offsets move by at most ``b`` per coordinate.
 
     With SSD coding ``cx = pcx + dx * v0 * pw`` and ``w = pw * exp(dw * v1)``, a change of at most
-    ``b`` in each offset keeps the centre within ``b * v0 * pw`` and the width within
-    ``[w e^{-v1 b}, w e^{v1 b}]`` (same for y / h). Every such box contains the *inner* box
-    (furthest centre, smallest size) and has area at most ``w_max * h_max``, so
+    ``b_x`` in ``dx`` and ``b_w`` in ``dw`` keeps the centre within ``b_x * v0 * pw`` and the width
+    within ``[w e^{-v1 b_w}, w e^{v1 b_w}]`` (same for y / h). Every such box contains the *inner*
+    box (furthest centre, smallest size) and has area at most ``w_max * h_max``, so
     ``IoU >= I(inner, gt) / (w_max h_max + area(gt) - I(inner, gt))``. Clamping the box to the image
     (as post-processing does) only keeps this valid when the intersection is taken with the
-    ``gt`` clipped to ``[0, 1]``, which is done here.
+    ``gt`` clipped to ``[0, 1]``, which is done here. The bound is non-increasing in every budget.
 
     Args: ``offsets (M, 4)``, ``priors (M, 4)`` normalised cxcywh, ``gt (M, 4)`` normalised xyxy,
-    ``b (M,)`` per-coordinate offset budget. Returns ``(M,)`` in float64.
+    ``b`` the budget per offset ``(dx, dy, dw, dh)``: ``(M,)`` (the same for all four) or ``(M, 4)``;
+    extra leading dimensions of ``b`` broadcast (``(K, M, 4)`` gives ``(K, M)``).
+    Returns ``(..., M)`` in float64.
     """
     o, p, g, b = offsets.double(), priors.double(), gt.double(), b.double()
+    if b.shape[-1:] != (4,) or b.dim() == 1:
+        b = b.unsqueeze(-1).expand(*b.shape, 4)
     v0, v1 = VARIANCES
     c = p[:, :2] + o[:, :2] * v0 * p[:, 2:]
     wh = p[:, 2:] * torch.exp(o[:, 2:] * v1)
-    shift = (b * v0).unsqueeze(1) * p[:, 2:]
-    wh_min = wh * torch.exp(-v1 * b).unsqueeze(1)
-    wh_max = wh * torch.exp(v1 * b).unsqueeze(1)
+    shift = b[..., :2] * v0 * p[:, 2:]
+    wh_min = wh * torch.exp(-v1 * b[..., 2:])
+    wh_max = wh * torch.exp(v1 * b[..., 2:])
     inner_lo = c + shift - wh_min / 2
     inner_hi = c - shift + wh_min / 2
     g_lo = g[:, :2].clamp(0.0, 1.0)
     g_hi = g[:, 2:].clamp(0.0, 1.0)
     side = (torch.minimum(inner_hi, g_hi) - torch.maximum(inner_lo, g_lo)).clamp_min(0.0)
     side = torch.where(inner_hi > inner_lo, side, torch.zeros_like(side))
-    inter = side[:, 0] * side[:, 1]
+    inter = side[..., 0] * side[..., 1]
     area_g = (g[:, 2] - g[:, 0]).clamp_min(0) * (g[:, 3] - g[:, 1]).clamp_min(0)
-    union_ub = wh_max[:, 0] * wh_max[:, 1] + area_g - inter
+    union_ub = wh_max[..., 0] * wh_max[..., 1] + area_g - inter
     return torch.where(union_ub > 0, inter / union_ub.clamp_min(1e-300), torch.zeros_like(inter))
 
 
-def box_radius(
-    offsets: Tensor, priors: Tensor, gt: Tensor, lipschitz_loc: Tensor, iou: float = 0.5, iters: int = 60
-) -> Tensor:
-    """Largest eps with :func:`iou_lower_bound` ``>= iou`` at offset budget ``L_loc * eps``.
+def sphere_corners(cells: int = 12) -> Tensor:
+    """``(cells**3, 4)`` points covering the unit L2 sphere's non-negative orthant from above.
 
-    Bisection on the per-coordinate budget ``b`` (the bound is non-increasing in ``b``). Returns
-    ``(M,)`` float64 radii: 0 where even ``b = 0`` fails, ``inf`` where ``L_loc == 0``.
+    Every ``a >= 0`` with ``||a||_2 <= 1`` is below (componentwise) at least one returned corner:
+    the orthant is cut into ``cells**3`` cells of the spherical angles
+    ``a = (cos t1, sin t1 cos t2, sin t1 sin t2 cos t3, sin t1 sin t2 sin t3)``, ``t_i in [0, pi/2]``,
+    and each cell contributes the componentwise maximum of ``a`` over it (each factor is monotone in
+    its own angle, so the maximum is a product of the factors' maxima).
+    """
+    edges = torch.linspace(0.0, math.pi / 2, cells + 1, dtype=torch.float64)
+    lo, hi = edges[:-1], edges[1:]
+    l1, l2, l3 = torch.meshgrid(lo, lo, lo, indexing="ij")
+    u1, u2, u3 = torch.meshgrid(hi, hi, hi, indexing="ij")
+    corner = torch.stack(
+        [
+            torch.cos(l1),
+            torch.sin(u1) * torch.cos(l2),
+            torch.sin(u1) * torch.sin(u2) * torch.cos(l3),
+            torch.sin(u1) * torch.sin(u2) * torch.sin(u3),
+        ],
+        dim=-1,
+    )
+    return corner.reshape(-1, 4).clamp(0.0, 1.0)
+
+
+def iou_lower_bound_l2(offsets: Tensor, priors: Tensor, gt: Tensor, rho: Tensor, cells: int = 12) -> Tensor:
+    """Lower bound on IoU(box, gt) over all boxes whose four offsets move by at most ``rho`` in L2.
+
+    The bound of :func:`iou_lower_bound` is non-increasing in each coordinate's budget, so its minimum
+    over the corners of :func:`sphere_corners` (scaled by ``rho``) bounds it over the whole L2 ball;
+    it is never below the per-coordinate bound with budget ``rho`` (the ball lies in that box), and
+    up to ~2x larger in radius. Args as :func:`iou_lower_bound`, ``rho (M,)``. Returns ``(M,)``.
+    """
+    corners = sphere_corners(cells).to(offsets.device)  # (K, 4)
+    budgets = corners.view(-1, 1, 4) * rho.double().view(1, -1, 1)  # (K, M, 4)
+    return iou_lower_bound(offsets, priors, gt, budgets).amin(dim=0)
+
+
+def box_radius(
+    offsets: Tensor, priors: Tensor, gt: Tensor, lipschitz_loc: Tensor, iou: float = 0.5, iters: int = 40
+) -> Tensor:
+    """Largest eps with :func:`iou_lower_bound_l2` ``>= iou`` for offsets moving ``L_loc * eps`` in L2.
+
+    ``L_loc`` bounds input -> the whole box map in L2, so one anchor's four offsets move jointly by at
+    most ``L_loc * ||delta||_2``. Bisection on that L2 budget (the bound is non-increasing in it).
+    Returns ``(M,)`` float64 radii: 0 where even a zero budget fails, ``inf`` where ``L_loc == 0``.
     """
     m = offsets.shape[0]
     if m == 0:
@@ -158,9 +201,10 @@ def box_radius(
         if bool(fail.all()):
             break
         hi = torch.where(fail, hi, hi * 2)
+    hi = hi * 2.0  # the L2 ball's bound may hold up to 2x further than the per-coordinate one
     for _ in range(iters):
         mid = (lo + hi) / 2
-        good = iou_lower_bound(offsets, priors, gt, mid) >= iou
+        good = iou_lower_bound_l2(offsets, priors, gt, mid) >= iou
         lo = torch.where(good, mid, lo)
         hi = torch.where(good, hi, mid)
     lloc = lipschitz_loc.double()

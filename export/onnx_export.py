@@ -55,6 +55,8 @@ ALLOWED_OPS: frozenset[str] = frozenset(
         # the network itself
         "Conv", "Relu", "MaxPool", "Sub", "Add", "Mul", "Pad", "Concat", "Transpose", "Reshape",
         "Flatten", "Slice", "Identity", "Constant",
+        # L2-norm pooling (lipdet.models.layers.NormPool)
+        "AveragePool", "Sqrt",
         # precision plumbing (fp16 I/O casts, int8 Q/DQ)
         "Cast", "QuantizeLinear", "DequantizeLinear",
     }

@@ -61,11 +61,16 @@ class MultiBoxLoss(nn.Module):
     ``neg_pos_ratio`` negatives per positive (hard negative mining, 3:1 by default).
 
     ``cls_margin`` (logit units, default 0 = plain cross-entropy) turns it into a Lipschitz-margin
-    cross-entropy (Tsuzuku et al., NeurIPS 2018): every non-target logit of a trained anchor is
-    raised by ``cls_margin`` before the softmax, so the loss keeps pushing until the target leads by
-    more than the margin. For a class map with Lipschitz bound ``L`` (in logit units, temperature
-    included), ``cls_margin = sqrt(2) * eps * L`` trains for certified radius ``eps``
-    (:func:`lipschitz_margin`). Evaluation and post-processing use the raw logits.
+    cross-entropy (Tsuzuku et al., NeurIPS 2018) on the positive anchors: every non-target logit of
+    a matched (object) anchor is raised by ``cls_margin`` before the softmax, so the loss keeps
+    pushing until the digit leads by more than the margin. For a class map with Lipschitz bound
+    ``L`` (in logit units, temperature included), ``cls_margin = sqrt(2) * eps * L`` trains for
+    certified radius ``eps`` (:func:`lipschitz_margin`). Background anchors get no margin:
+    certificates are about detected objects, and a margin on every anchor makes "background
+    everywhere" the easiest way down (measured: no detection at all after 3 epochs, see
+    docs/results/beat-the-seed.md). The margin may also be given per call, per prior (``(P,)``):
+    a learnt temperature changes ``L`` during training. Evaluation and post-processing use the raw
+    logits.
     """
 
     def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3,
@@ -79,8 +84,11 @@ class MultiBoxLoss(nn.Module):
         self.neg_pos_ratio = neg_pos_ratio
         self.cls_margin = float(cls_margin)
 
-    def forward(self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`.
+    def forward(
+        self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]], cls_margin: Tensor | float | None = None
+    ) -> dict[str, Tensor]:
+        """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`;
+        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (default: the constructor's).
 
         Returns ``{"loss", "loc", "cls"}`` scalars.
         """
@@ -89,9 +97,13 @@ class MultiBoxLoss(nn.Module):
         pos = cls_t > 0
         num_pos = pos.sum().clamp_min(1).float()
         loc_loss = F.smooth_l1_loss(loc[pos], loc_t[pos], reduction="sum") / num_pos
-        if self.cls_margin > 0:
+        margin = self.cls_margin if cls_margin is None else cls_margin
+        if isinstance(margin, Tensor) or margin > 0:
+            margin_t = torch.as_tensor(margin, dtype=logits.dtype, device=logits.device)
+            margin_t = margin_t.view(1, -1) if margin_t.dim() == 1 else margin_t.view(1, 1)  # (1, P) or (1, 1)
             onehot = F.one_hot(cls_t, logits.shape[-1]).to(logits.dtype)
-            logits = logits + self.cls_margin * (1.0 - onehot)
+            raise_by = (margin_t * pos.to(logits.dtype)).unsqueeze(-1)  # (N, P, 1): positives only
+            logits = logits + raise_by * (1.0 - onehot)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cls_t.reshape(-1), reduction="none").view_as(cls_t)
         # Hard negative mining: rank negatives by their loss, keep the top ratio * positives per image.
         neg_loss = ce.detach().masked_fill(pos, 0.0)
@@ -103,6 +115,11 @@ class MultiBoxLoss(nn.Module):
         return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}
 
 
-def lipschitz_margin(eps: float, cls_lipschitz: float = 1.0) -> float:
-    """The logit margin ``sqrt(2) * eps * L`` that certifies radius ``eps`` for a class map bounded by ``L``."""
+def lipschitz_margin(eps: float, cls_lipschitz: float | Tensor = 1.0) -> float | Tensor:
+    """The logit margin ``sqrt(2) * eps * L`` that certifies radius ``eps`` for a class map bounded by ``L``.
+
+    ``L`` may be a tensor (e.g. ``(P,)`` per prior, :meth:`TinierSSD.prior_temperatures`).
+    """
+    if isinstance(cls_lipschitz, Tensor):
+        return math.sqrt(2.0) * float(eps) * cls_lipschitz
     return math.sqrt(2.0) * float(eps) * float(cls_lipschitz)

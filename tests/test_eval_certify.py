@@ -18,6 +18,8 @@ from lipdet.eval.certify import (
     class_radius,
     detection_anchors,
     iou_lower_bound,
+    iou_lower_bound_l2,
+    sphere_corners,
 )
 from lipdet.models import build_model, fold_model
 from lipdet.models.lipschitz import head_bounds
@@ -114,8 +116,60 @@ def test_iou_lower_bound_holds_for_sampled_boxes():
     r = box_radius(offsets, priors, gt, torch.full((m,), 2.0))
     ok = r > 0
     assert ok.any()
-    at = iou_lower_bound(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 0.999)
+    at = iou_lower_bound_l2(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 0.999)
     assert bool((at >= 0.5).all())
+    above = iou_lower_bound_l2(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 1.01)
+    assert bool((above < 0.5).all())
+
+
+def test_sphere_corners_cover_the_orthant_of_the_ball():
+    corners = sphere_corners(8)
+    assert corners.shape == (512, 4)
+    g = torch.Generator().manual_seed(1)
+    pts = torch.randn(4000, 4, generator=g, dtype=torch.float64).abs()
+    pts = pts / pts.norm(dim=1, keepdim=True) * torch.rand(4000, 1, generator=g, dtype=torch.float64)
+    covered = (pts.unsqueeze(1) <= corners.unsqueeze(0) + 1e-12).all(dim=2).any(dim=1)
+    assert bool(covered.all())
+    # The axes themselves (worst cases for one coordinate) are covered too.
+    assert bool((torch.eye(4, dtype=torch.float64).unsqueeze(1) <= corners + 1e-12).all(dim=2).any(dim=1).all())
+
+
+def test_l2_box_bound_holds_under_l2_perturbations_and_beats_the_per_coordinate_bound():
+    g = torch.Generator().manual_seed(2)
+    m = 48
+    priors = torch.cat([torch.rand(m, 2, generator=g) * 0.6 + 0.2, torch.rand(m, 2, generator=g) * 0.3 + 0.1], dim=1)
+    gt = cxcywh_to_xyxy(priors + torch.randn(m, 4, generator=g) * 0.02).clamp(0, 1)
+    offsets = encode(gt, priors) + torch.randn(m, 4, generator=g) * 0.1
+    rho = torch.rand(m, generator=g) * 0.8
+    lb = iou_lower_bound_l2(offsets, priors, gt, rho)
+    coord = iou_lower_bound(offsets, priors, gt, rho)
+    assert bool((lb >= coord - 1e-12).all()) and bool((lb > coord + 1e-3).any())
+    for _ in range(200):
+        d = torch.randn(m, 4, generator=g)
+        # on the sphere (the worst case) or inside it, some along a single axis
+        d = d / d.norm(dim=1, keepdim=True) * rho.view(-1, 1) * torch.rand(m, 1, generator=g).sqrt()
+        box = decode(offsets + d, priors).clamp(0, 1)
+        iou = box_iou(box.double(), gt.double()).diagonal()
+        assert bool((iou >= lb - 1e-9).all())
+    for axis in range(4):
+        for sign in (-1.0, 1.0):
+            d = torch.zeros(m, 4)
+            d[:, axis] = sign * rho
+            iou = box_iou(decode(offsets + d, priors).clamp(0, 1).double(), gt.double()).diagonal()
+            assert bool((iou >= lb - 1e-9).all())
+    # Gradient descent on the IoU inside the ball never gets below the bound.
+    d = (torch.randn(m, 4, generator=g) * 0.01).requires_grad_(True)
+    opt = torch.optim.Adam([d], lr=0.02)
+    for _ in range(150):
+        dd = d * torch.clamp(rho.view(-1, 1) / d.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+        iou = box_iou(decode(offsets + dd, priors).clamp(0, 1), gt).diagonal()
+        opt.zero_grad()
+        iou.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        dd = d * torch.clamp(rho.view(-1, 1) / d.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+        iou = box_iou(decode(offsets + dd, priors).clamp(0, 1).double(), gt.double()).diagonal()
+    assert bool((iou >= lb - 1e-6).all())
 
 
 def test_certify_image_on_hand_made_outputs():

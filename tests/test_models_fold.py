@@ -8,6 +8,7 @@ from torch import nn
 
 from lipdet.models import ARCHS, build_folded, build_model, fold_model
 from lipdet.models.layers import (
+    NormPool,
     ChannelPad,
     ConvBNAct,
     FoldedConv,
@@ -17,7 +18,7 @@ from lipdet.models.layers import (
     SLLConv2d,
 )
 
-PLAIN = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.ModuleDict, FoldedConv, FoldedSLL, ChannelPad)
+PLAIN = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.ModuleDict, FoldedConv, FoldedSLL, ChannelPad, NormPool)
 
 
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
@@ -76,10 +77,10 @@ def test_sll_fold_has_adjoint_second_conv():
     torch.testing.assert_close(f.conv2.weight, 2 * f.conv1.weight.transpose(0, 1).flip(2, 3))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_network_fold_equivalence_and_round_trip(arch):
+@pytest.mark.parametrize("arch,options", [(a, {}) for a in ARCHS] + [("sll-spectral", {"pool": "l2", "shrink": "conv"})])
+def test_network_fold_equivalence_and_round_trip(arch, options):
     torch.manual_seed(0)
-    model = build_model(arch, width=0.125 if arch != "naive" else 0.25)
+    model = build_model(arch, width=0.125 if arch != "naive" else 0.25, **options)
     _randomise(model)
     model.eval()
     x = torch.rand(3, 3, 74, 74)
@@ -143,17 +144,21 @@ def test_spectral_fold_uses_converged_norm_even_from_train_mode():
             assert_rel_close(a, b)
 
 
-def test_folded_model_exports_to_onnx_with_dynamic_batch():
+@pytest.mark.parametrize("arch,options", [("naive", {}), ("sll-spectral", {"pool": "l2", "shrink": "conv"})])
+def test_folded_model_exports_to_onnx_with_dynamic_batch(arch, options):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
+    from lipdet.export.onnx_export import graph_problems
+
     torch.manual_seed(0)
-    model = build_model("naive", width=0.125, input_size=36)  # 3x3/2 pools on even sides: ceil mode
+    model = build_model(arch, width=0.125, input_size=36, **options)  # naive: 3x3/2 pools on even sides: ceil mode
     _randomise(model)
     folded = fold_model(model.eval())
     prog = torch.onnx.export(folded, (torch.rand(2, 3, 36, 36),), input_names=["images"],
                              output_names=["loc", "logits"],
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
     proto = prog.model_proto
+    assert graph_problems(proto) == []
     names = {i.name for i in proto.graph.initializer}
     assert set(folded.state_dict()) <= names
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])

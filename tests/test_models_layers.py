@@ -14,6 +14,7 @@ from lipdet.models.layers import (
     FoldedSLL,
     MaxPool,
     NormConv2d,
+    NormPool,
     SLLConv2d,
     conv_operator_norm,
 )
@@ -132,6 +133,33 @@ def test_maxpool_bound_holds(k, s, expected):
         x = torch.zeros(1, 1, 9, 9)
         x[0, 0, 2, 2] = 1.0
         assert pool(x).norm() > 1.0
+
+
+@pytest.mark.parametrize("k,s,expected", [(2, 2, 1.0), (3, 2, 2.0)])
+def test_norm_pool_bound_holds_and_keeps_the_window_norm(k, s, expected):
+    pool = NormPool(k, s)
+    assert pool.lipschitz_bound() == expected
+    worst = 0.0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(1, 2, 9, 9)
+        worst = max(worst, empirical_lipschitz(pool, x, seed=seed))
+        # near zero too, where sqrt is steepest (the smoothing keeps it 1-Lipschitz)
+        worst = max(worst, empirical_lipschitz(pool, 1e-3 * x, seed=seed))
+    assert _holds(expected, worst)
+    if k == s:
+        x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+        y = pool(x.float()).double()
+        assert y.shape == (1, 3, 4, 4) and (y >= 0).all()
+        # the whole map's norm survives (up to the smoothing), where a max-pool keeps ~1/2 of it
+        assert float(y.norm()) == pytest.approx(float(x.norm()), rel=1e-3)
+        assert float(MaxPool(k, s)(x).norm()) < 0.8 * float(x.norm())
+        assert float(pool(torch.zeros(1, 1, 4, 4)).abs().max()) == 0.0
+        g = torch.zeros(1, 1, 4, 4, requires_grad=True)
+        pool(g).sum().backward()
+        assert torch.isfinite(g.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pool(torch.randn(1, 2, 8, 8)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("cin,cout", [(3, 8), (8, 3), (4, 4)])

@@ -61,6 +61,12 @@ def _fail(args: list[str], capsys) -> str:
         (["--cpu", "--precision", "fp16"], "fp16 needs a GPU"),
         (["--resume", "no-such-run"], "no run named 'no-such-run'"),
         (["--width", "-1"], "--width must be > 0"),
+        (["--margin-eps", "0.5"], "--margin-eps needs a Lipschitz arch"),
+        (["--arch", "sll-l2", "--margin-eps", "-1"], "--margin-eps must be >= 0"),
+        (["--arch", "sll-spectral", "-O", "pool"], "--option expects KEY=VALUE"),
+        (["--arch", "sll-spectral", "-O", "pool=avg"], "pool must be one of max, l2"),
+        (["--arch", "sll-spectral", "-O", "bogus=1"], "unknown option(s) for --arch sll-spectral: bogus"),
+        (["-O", "pool=l2"], "unknown option(s) for --arch naive: pool"),
     ],
 )
 def test_bad_options(args, message, tmp_path, capsys, no_ray):
@@ -149,6 +155,39 @@ def test_plan_defaults_and_epoch_env(tiny_svhn, tmp_path, monkeypatch):
     assert plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), epochs=5)).loop.epochs == 5
 
 
+def test_model_options_and_margin_reach_the_loop(tiny_svhn, tmp_path):
+    assert trainer.parse_model_options(["pool=l2", "loc_scale=1", "learn_loc_scale=false", "x = y"]) == {
+        "pool": "l2", "loc_scale": 1, "learn_loc_scale": False, "x": "y"}
+    plan = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), arch="sll-spectral", gpu=False,
+                                 model_options={"loc_scale": 2.0}, margin_eps=0.25))
+    assert plan.loop.model_options == {**trainer.default_model_options("sll-spectral"), "loc_scale": 2.0}
+    assert plan.loop.margin_eps == 0.25
+    naive = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False))
+    assert naive.loop.model_options == {} and naive.loop.margin_eps == 0.0
+
+
+def test_train_margin_ramps_up_with_the_temperature():
+    from lipdet.loss import lipschitz_margin
+    from lipdet.models import build_model
+    from lipdet.train.loop import train_margin
+
+    model = build_model("sll-spectral", cls_temperature=8.0, learn_temperature=False)
+    cfg = LoopConfig(arch="sll-spectral", margin_eps=0.5, margin_ramp=0.5)
+    assert train_margin(LoopConfig(arch="sll-spectral"), model, 0, 100) is None
+    full = train_margin(cfg, model, 60, 100)
+    assert full.shape == (model.num_priors,)
+    torch.testing.assert_close(full, torch.full_like(full, lipschitz_margin(0.5, 8.0)))
+    torch.testing.assert_close(train_margin(cfg, model, 24, 100), full * 0.5)  # step 25 of a 50-step ramp
+    learnt = build_model("sll-spectral", cls_temperature=3.0, learn_temperature=True)
+    with torch.no_grad():
+        learnt.cls_heads["fire9"].log_temperature.fill_(0.0)  # tau 1 on the 9x9 scale only
+    taus = learnt.prior_temperatures()
+    sizes = learnt.prior_spec.feature_sizes
+    a = learnt.prior_spec.anchors_per_location
+    start = a * sizes[0] ** 2
+    assert torch.allclose(taus[:start], torch.tensor(3.0)) and torch.allclose(taus[start:start + a * 81], torch.tensor(1.0))
+
+
 def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
     run = tmp_path / "r1"
     run.mkdir()
@@ -156,6 +195,10 @@ def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
     (run / trainer.RUN_FILE).write_text(json.dumps({"loop": loop.to_dict()}))
     with pytest.raises(LipdetError, match="--arch was naive"):
         plan_run(TrainOptions(resume="r1", out=str(tmp_path), arch="sll-l2"))
+    with pytest.raises(LipdetError, match="--option values were the defaults"):
+        plan_run(TrainOptions(resume="r1", out=str(tmp_path), model_options={"pool": "l2"}))
+    with pytest.raises(LipdetError, match="--margin-eps was 0.0"):
+        plan_run(TrainOptions(resume="r1", out=str(tmp_path), margin_eps=0.5))
     plan = plan_run(TrainOptions(resume="r1", out=str(tmp_path), epochs=4))
     assert plan.resumed and plan.loop.epochs == 4 and plan.loop.seed == 1 and plan.name == "r1"
 

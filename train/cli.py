@@ -8,7 +8,15 @@ from typing import Optional
 
 import typer
 
-from lipdet.train.trainer import DEFAULT_EPOCHS, EPOCHS_ENV, FAULT_ENV, TrainOptions, run_training
+from lipdet.train.trainer import (
+    DEFAULT_EPOCHS,
+    EPOCHS_ENV,
+    FAULT_ENV,
+    TrainOptions,
+    default_margin_eps,
+    parse_model_options,
+    run_training,
+)
 
 
 def command(
@@ -71,6 +79,16 @@ def command(
     threads: int = typer.Option(
         0, "--threads", help="Torch threads per worker (0 = cores // workers on the node).", hidden=True
     ),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", "-O", metavar="KEY=VALUE", help="Model option (repeatable), e.g. -O pool=l2 -O loc_scale=1. "
+        "sll-* keys: pool (max|l2), cls_temperature, learn_temperature, loc_scale, learn_loc_scale, sll_inner_ratio, "
+        "sll_blocks, spectral_train_iters (naive has none). Values are JSON (numbers, true/false) or plain strings.", show_default=False,
+    ),
+    margin_eps: Optional[float] = typer.Option(
+        None, "--margin-eps", help="sll-* only: train the class heads for certified L2 radius EPS (Lipschitz-margin "
+        "cross-entropy on object anchors, margin sqrt(2)*EPS*tau ramped up over the first half). "
+        f"(default: {default_margin_eps('sll-spectral')} for sll-*; 0 = plain cross-entropy)", show_default=False,
+    ),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Photometric + zoom-out augmentation."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar on stderr."),
 ) -> None:
@@ -119,6 +137,8 @@ def command(
             augment=augment,
             fault=os.environ.get(FAULT_ENV) or None,
             progress=progress,
+            model_options=parse_model_options(option or []),
+            margin_eps=margin_eps,
         )
     )
     typer.echo(f"model: {result.model_path}")

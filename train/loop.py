@@ -74,6 +74,8 @@ class LoopConfig:
     progress_every_s: float = 1.0
     fault: str | None = None  # test hook "EPOCH:RANK:MARKER": SIGKILL once at that epoch's start
     run_name: str = ""
+    margin_eps: float = 0.0  # Lipschitz-margin CE for this certified radius (0 = plain CE)
+    margin_ramp: float = 0.5  # fraction of the steps over which the margin grows linearly from 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -281,6 +283,22 @@ def _maybe_fault(spec: str | None, epoch: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def train_margin(cfg: LoopConfig, model: nn.Module, step: int, total_steps: int) -> Tensor | None:
+    """The per-prior Lipschitz margin ``(P,)`` of training step ``step`` (0-based), or None.
+
+    ``sqrt(2) * eps_t * tau_k`` for each prior's scale ``k`` (:meth:`TinierSSD.prior_temperatures`:
+    for ``sll-spectral`` exactly the bound of input -> that prior's logits), with ``eps_t`` growing
+    linearly from 0 to ``cfg.margin_eps`` over the first ``cfg.margin_ramp`` of the run: a full
+    margin from the first step keeps every anchor background.
+    """
+    if cfg.margin_eps <= 0:
+        return None
+    from lipdet.loss import lipschitz_margin
+
+    ramp = min(1.0, (step + 1) / max(1.0, cfg.margin_ramp * total_steps)) if cfg.margin_ramp > 0 else 1.0
+    return lipschitz_margin(cfg.margin_eps * ramp, model.prior_temperatures())
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -393,7 +411,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             images = images.contiguous(memory_format=mem_format)
             with autocast():
                 loc, logits = model(images)
-            losses = criterion(loc, logits, targets)
+            losses = criterion(loc, logits, targets, cls_margin=train_margin(cfg, raw, (epoch - 1) * steps_per_epoch + step - 1, total_steps))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(losses["loss"]).backward()
@@ -560,4 +578,5 @@ __all__: list[str] = [
     "make_progress_sink",
     "save_train_state",
     "train_loop_per_worker",
+    "train_margin",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from lipdet.errors import LipdetError
 from lipdet.io import write_text_atomic
@@ -52,6 +53,44 @@ them nearly frozen; docs/results/beat-the-seed.md measured 0.106 -> 0.230 map_50
 def default_lr(arch: str) -> float:
     """The default peak Adam learning rate for ``arch``."""
     return SLL_LR if arch.startswith("sll-") else DEFAULTS["lr"]
+
+
+SLL_MODEL_OPTIONS: dict[str, Any] = {}
+"""Model options every new ``sll-*`` run starts from (``--option`` overrides them); see
+docs/results/beat-the-seed.md for the measurements behind them."""
+
+SLL_MARGIN_EPS = 0.0
+"""Default ``--margin-eps`` of the ``sll-*`` archs (0 = plain cross-entropy)."""
+
+
+def default_model_options(arch: str) -> dict[str, Any]:
+    """The model options a new run of ``arch`` starts from (before ``--option``)."""
+    return dict(SLL_MODEL_OPTIONS) if arch.startswith("sll-") else {}
+
+
+def parse_model_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["pool=l2", "loc_scale=1", "learn_loc_scale=false"]`` -> ``{"pool": "l2", "loc_scale": 1, ...}``.
+
+    Values are parsed as JSON (numbers, ``true``/``false``, ``null``), anything else stays a string.
+    Keys are checked against the arch later (:func:`lipdet.models.tinier_ssd.resolve_options`).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LipdetError(f"--option expects KEY=VALUE, got {item!r}")
+        raw = raw.strip()
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def default_margin_eps(arch: str) -> float:
+    """The default Lipschitz-margin radius of ``arch``'s training loss."""
+    return SLL_MARGIN_EPS if arch.startswith("sll-") else 0.0
 
 
 @dataclass
@@ -81,6 +120,7 @@ class TrainOptions:
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)
     loss_options: dict[str, Any] = field(default_factory=dict)
+    margin_eps: float | None = None
 
 
 @dataclass
@@ -289,11 +329,15 @@ def plan_run(opts: TrainOptions) -> RunPlan:
             ("--seed", opts.seed, loop.seed),
             ("--batch-size", opts.batch_size, loop.batch_size),
             ("--lr", opts.lr, loop.lr),
+            ("--margin-eps", opts.margin_eps, loop.margin_eps),
         ):
             if given is not None and given != before:
                 raise LipdetError(
                     f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
                 )
+        if opts.model_options and opts.model_options != {k: loop.model_options.get(k) for k in opts.model_options}:
+            raise LipdetError(f"--resume continues {opts.resume} as it was started: its --option values were "
+                              f"{loop.model_options or 'the defaults'}")
         if opts.data is not None and Path(opts.data).resolve() != Path(loop.data_root):
             raise LipdetError(f"--resume continues {opts.resume} on its own data ({loop.data_root}); drop --data")
         data_root, synthetic = Path(loop.data_root), loop.synthetic
@@ -331,10 +375,11 @@ def plan_run(opts: TrainOptions) -> RunPlan:
             local_root = Path(out) if not _is_uri(out) else runs_root(None)
             name = new_run_name(opts.arch or DEFAULTS["arch"], local_root)
             storage = RunStorage(out, name)
+        arch = opts.arch or DEFAULTS["arch"]
         loop = LoopConfig(
-            arch=opts.arch or DEFAULTS["arch"],
+            arch=arch,
             width=opts.width if opts.width is not None else DEFAULTS["width"],
-            model_options=dict(opts.model_options),
+            model_options={**default_model_options(arch), **opts.model_options},
             loss_options=dict(opts.loss_options),
             data_root=str(data_root),
             synthetic=synthetic,
@@ -350,13 +395,18 @@ def plan_run(opts: TrainOptions) -> RunPlan:
             val_limit=opts.val_limit,
             fault=opts.fault,
             run_name=name,
+            margin_eps=opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch),
         )
-        try:  # unknown widths/options are user errors too: build the config once here
-            from lipdet.models.config import ModelConfig
+        # unknown widths/options are user errors too: resolve the config once here
+        from lipdet.models.config import ModelConfig
+        from lipdet.models.tinier_ssd import resolve_options
 
-            ModelConfig(arch=loop.arch, width=loop.width, input_size=loop.input_size, options=dict(loop.model_options))
-        except LipdetError:
-            raise
+        resolve_options(ModelConfig(arch=loop.arch, width=loop.width, input_size=loop.input_size,
+                                    options=dict(loop.model_options)))
+        if loop.margin_eps < 0 or not math.isfinite(loop.margin_eps):
+            raise LipdetError(f"--margin-eps must be >= 0, got {loop.margin_eps}")
+        if loop.margin_eps > 0 and not loop.arch.startswith("sll-"):
+            raise LipdetError("--margin-eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
         previous = []
     check_splits(data_root, loop.input_size)
     run_dir = storage.local if storage.local is not None else runs_root(None) / name

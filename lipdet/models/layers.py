@@ -313,6 +313,43 @@ class MaxPool(nn.MaxPool2d):
         return MaxPool(int(self.kernel_size), int(self.stride), self.ceil_mode)  # type: ignore[arg-type]
 
 
+class NormPool(nn.Module):
+    """L2-norm pooling: each output is the (smoothed) L2 norm of its ``k x k`` window, per channel.
+
+    ``(N, C, H, W) -> (N, C, H', W')`` with max-pool geometry (no padding, floor mode).
+    ``y = sqrt(sum_window x^2 + delta^2) - delta`` with ``delta`` = :attr:`DELTA` (smooth at 0, so
+    gradients stay finite; ``y = 0`` on an all-zero window). ``v -> sqrt(||v||^2 + delta^2)`` is
+    1-Lipschitz, so the bound is the max-pool one, ``ceil(k/s)`` (1 for non-overlapping windows).
+    Unlike a max-pool, which keeps one pixel of a window (about half the norm of a smooth 2x2
+    window), it keeps the window's whole norm: the image-dependent signal of a 1-Lipschitz stack
+    does not halve at every downsampling. Computed in float32 under autocast. Folded: the same
+    module (plain Mul / AveragePool / Add / Sqrt / Sub ops in ONNX).
+    """
+
+    kind = "normpool"
+    DELTA = 1e-3
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size = int(kernel_size)
+        self.stride = int(stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        k = self.kernel_size
+        energy = F.avg_pool2d(x * x, k, self.stride) * float(k * k)
+        return torch.sqrt(energy + self.DELTA**2) - self.DELTA
+
+    def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
+        return pool_lipschitz(self.kernel_size, self.stride)
+
+    def fold(self) -> "NormPool":
+        return NormPool(self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
 def pool_lipschitz(kernel_size: int, stride: int) -> float:
     """L2 Lipschitz bound of a square max-pool: ``ceil(k/s)`` (see :class:`MaxPool`)."""
     m = math.ceil(kernel_size / stride)

@@ -52,6 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from lipdet.boxes import PriorSpec, feature_sizes_for, flatten_head_outputs, make_priors
@@ -64,6 +65,7 @@ from lipdet.models.layers import (
     FoldedSLL,
     MaxPool,
     NormConv2d,
+    NormPool,
     SLLConv2d,
 )
 
@@ -76,9 +78,16 @@ ARCH_OPTIONS: dict[str, dict[str, Any]] = {
     "naive": {},
     **{a: {"sll_inner_ratio": 1.0, "sll_blocks": 1, "spectral_train_iters": 1,
            "cls_temperature": 30.0, "learn_temperature": True,
-           "loc_scale": 4.0, "learn_loc_scale": True} for a in ARCH_MODES},
+           "loc_scale": 4.0, "learn_loc_scale": True, "pool": "max", "shrink": "truncate"}
+       for a in ARCH_MODES},
 }
 """Allowed ``config.options`` keys per architecture, with defaults."""
+
+POOLS: tuple[str, ...] = ("max", "l2")
+"""Downsampling of the ``sll-*`` trunks: 2x2/2 max-pool or L2-norm pool (:class:`NormPool`)."""
+
+SHRINKS: tuple[str, ...] = ("truncate", "conv")
+"""Channel reduction of the ``sll-*`` trunks: keep the first channels, or a learnt 1x1 spectral conv."""
 
 # Tinier SSD layers: (name, reference channels, pool before: None | "MP" | "MP3").
 _LAYERS: tuple[tuple[str, int, Optional[str]], ...] = (
@@ -109,7 +118,7 @@ class LayerPlan:
         in_channels, out_channels: channels in and out.
         input_hw: spatial input size in pixels.
         kernel_size, stride: conv or pool geometry.
-        mode: conv mode for ``normconv``.
+        mode: conv mode for ``normconv``; ``max`` or ``l2`` for ``pool``.
         inner: SLL inner width.
         ceil_mode: pools only.
     """
@@ -155,6 +164,10 @@ def resolve_options(cfg: ModelConfig) -> dict[str, Any]:
         for key in ("learn_temperature", "learn_loc_scale"):
             if not isinstance(opts[key], bool):
                 raise LipdetError(f"{key} must be true or false, got {opts[key]!r}")
+        if opts["pool"] not in POOLS:
+            raise LipdetError(f"pool must be one of {', '.join(POOLS)}, got {opts['pool']!r}")
+        if opts["shrink"] not in SHRINKS:
+            raise LipdetError(f"shrink must be one of {', '.join(SHRINKS)}, got {opts['shrink']!r}")
     return opts
 
 
@@ -181,7 +194,8 @@ def plan_network(cfg: ModelConfig) -> tuple[list[LayerPlan], list[LayerPlan], li
         if pool is not None:
             k, st = (3, 2) if (pool == "MP3" and naive) else (2, 2)
             ceil_mode = naive and pool == "MP3"
-            trunk.append(LayerPlan(f"pool_{name}", "pool", c, c, hw, k, st, ceil_mode=ceil_mode))
+            trunk.append(LayerPlan(f"pool_{name}", "pool", c, c, hw, k, st, ceil_mode=ceil_mode,
+                                   mode="max" if naive else str(opts["pool"])))
             hw = _pool_out(hw, k, st, ceil_mode)
         if min(hw) < 1:
             raise LipdetError(f"input size {s} is too small for Tinier SSD")
@@ -191,7 +205,10 @@ def plan_network(cfg: ModelConfig) -> tuple[list[LayerPlan], list[LayerPlan], li
             trunk.append(LayerPlan(name, "normconv", c, cout, hw, mode=mode,
                                    train_iters=int(opts["spectral_train_iters"])))
         else:
-            if cout != c:
+            if cout < c and opts["shrink"] == "conv":
+                trunk.append(LayerPlan(f"proj_{name}", "normconv", c, cout, hw, kernel_size=1, mode="spectral",
+                                       train_iters=int(opts["spectral_train_iters"])))
+            elif cout != c:
                 trunk.append(LayerPlan(f"pad_{name}", "pad", c, cout, hw))
             inner = scaled_channels(cout, float(opts["sll_inner_ratio"]))
             nb = int(opts["sll_blocks"])
@@ -228,6 +245,8 @@ def make_layer(plan: LayerPlan, folded: bool) -> nn.Module:
     """Instantiate ``plan`` as a trainable module, or (``folded=True``) as its plain folded form."""
     p = plan
     if p.kind == "pool":
+        if p.mode == "l2":
+            return NormPool(p.kernel_size, p.stride)
         return MaxPool(p.kernel_size, p.stride, p.ceil_mode)
     if p.kind == "pad":
         return ChannelPad(p.in_channels, p.out_channels)
@@ -280,6 +299,20 @@ class TinierSSD(nn.Module):
     @property
     def num_priors(self) -> int:
         return self.prior_spec.num_priors
+
+    def prior_temperatures(self) -> Tensor:
+        """``(P,)`` the current class temperature ``tau_k`` of each prior's scale (1 without one), detached.
+
+        For ``sll-spectral`` this is exactly the Lipschitz bound of input -> that prior's logits, the
+        ``L`` of :func:`lipdet.loss.lipschitz_margin`; for the other archs only the head's factor.
+        """
+        out = []
+        for tap, size in zip(self.taps, self.prior_spec.feature_sizes):
+            head = self.cls_heads[tap]
+            tau = head.temperature_tensor() if hasattr(head, "temperature_tensor") else None
+            value = float(tau.detach()) if tau is not None else 1.0
+            out.append(torch.full((self.prior_spec.anchors_per_location * size * size,), value))
+        return torch.cat(out).to(self.priors.device)
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Tap outputs ``[(N, C_i, s_i, s_i)]`` for ``images (N, 3, S, S)`` in ``[0, 1]``."""
