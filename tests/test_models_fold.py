@@ -9,6 +9,7 @@ from torch import nn
 from lipdet.models import ARCHS, build_folded, build_model, fold_model
 from lipdet.models.layers import (
     NormPool,
+    Unshuffle,
     ChannelPad,
     ConvBNAct,
     FoldedConv,
@@ -18,7 +19,7 @@ from lipdet.models.layers import (
     SLLConv2d,
 )
 
-PLAIN = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.ModuleDict, FoldedConv, FoldedSLL, ChannelPad, NormPool)
+PLAIN = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.ModuleDict, FoldedConv, FoldedSLL, ChannelPad, NormPool, Unshuffle)
 
 
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
@@ -40,6 +41,8 @@ def _randomise(model: nn.Module, seed: int = 0) -> None:
             if isinstance(m, SLLConv2d):
                 m.q_param.copy_(torch.randn(m.q_param.shape, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, NormConv2d) and m.kernel_size == 1:  # shrink projections start structured
+                m.weight.add_(0.1 * torch.randn(m.weight.shape, generator=g))
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -77,7 +80,8 @@ def test_sll_fold_has_adjoint_second_conv():
     torch.testing.assert_close(f.conv2.weight, 2 * f.conv1.weight.transpose(0, 1).flip(2, 3))
 
 
-@pytest.mark.parametrize("arch,options", [(a, {}) for a in ARCHS] + [("sll-spectral", {"pool": "l2", "shrink": "conv"})])
+@pytest.mark.parametrize("arch,options", [(a, {}) for a in ARCHS] + [("sll-spectral", {"pool": "l2", "shrink": "conv"}),
+                                                        ("sll-l2", {"pool": "unshuffle", "shrink": "conv"})])
 def test_network_fold_equivalence_and_round_trip(arch, options):
     torch.manual_seed(0)
     model = build_model(arch, width=0.125 if arch != "naive" else 0.25, **options)
@@ -144,7 +148,8 @@ def test_spectral_fold_uses_converged_norm_even_from_train_mode():
             assert_rel_close(a, b)
 
 
-@pytest.mark.parametrize("arch,options", [("naive", {}), ("sll-spectral", {"pool": "l2", "shrink": "conv"})])
+@pytest.mark.parametrize("arch,options", [("naive", {}), ("sll-spectral", {"pool": "l2", "shrink": "conv"}),
+                                                ("sll-spectral", {"pool": "unshuffle", "shrink": "conv"})])
 def test_folded_model_exports_to_onnx_with_dynamic_batch(arch, options):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")

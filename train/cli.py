@@ -87,7 +87,7 @@ def command(
     margin_eps: Optional[float] = typer.Option(
         None, "--margin-eps", help="sll-* only: train the class heads for certified L2 radius EPS (Lipschitz-margin "
         "cross-entropy on object anchors, margin sqrt(2)*EPS*tau ramped up over the first half). "
-        f"(default: {default_margin_eps('sll-spectral')} for sll-*; 0 = plain cross-entropy)", show_default=False,
+        f"(default: {default_margin_eps('sll-spectral')} for sll-spectral, 0 = plain cross-entropy otherwise)", show_default=False,
     ),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Photometric + zoom-out augmentation."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar on stderr."),

@@ -55,17 +55,26 @@ def default_lr(arch: str) -> float:
     return SLL_LR if arch.startswith("sll-") else DEFAULTS["lr"]
 
 
-SLL_MODEL_OPTIONS: dict[str, Any] = {}
-"""Model options every new ``sll-*`` run starts from (``--option`` overrides them); see
-docs/results/beat-the-seed.md for the measurements behind them."""
+CERTIFIED_TRAINING: dict[str, dict[str, Any]] = {
+    "sll-spectral": {"model_options": {"loc_scale": 1.5, "learn_loc_scale": False}, "margin_eps": 0.5},
+}
+"""Training defaults per arch beyond the model's own (``--option`` / ``--margin-eps`` override them).
 
-SLL_MARGIN_EPS = 0.0
-"""Default ``--margin-eps`` of the ``sll-*`` archs (0 = plain cross-entropy)."""
+``sll-spectral`` is the fully 1-Lipschitz model, trained for certificates at eps 0.5: a fixed box
+scale (a learnt one grows to 8-42 and makes every box certificate vanish) and the Lipschitz-margin
+loss, whose margin follows the learnt class temperatures (docs/results/beat-the-seed.md). The
+other archs' bounds include unconstrained layers, so a margin in temperature units certifies nothing
+there: they keep plain cross-entropy and learnt scales."""
 
 
 def default_model_options(arch: str) -> dict[str, Any]:
     """The model options a new run of ``arch`` starts from (before ``--option``)."""
-    return dict(SLL_MODEL_OPTIONS) if arch.startswith("sll-") else {}
+    return dict(CERTIFIED_TRAINING.get(arch, {}).get("model_options", {}))
+
+
+def default_margin_eps(arch: str) -> float:
+    """The default Lipschitz-margin radius of ``arch``'s training loss (0 = plain cross-entropy)."""
+    return float(CERTIFIED_TRAINING.get(arch, {}).get("margin_eps", 0.0))
 
 
 def parse_model_options(items: Sequence[str]) -> dict[str, Any]:
@@ -86,11 +95,6 @@ def parse_model_options(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = raw
     return out
-
-
-def default_margin_eps(arch: str) -> float:
-    """The default Lipschitz-margin radius of ``arch``'s training loss."""
-    return SLL_MARGIN_EPS if arch.startswith("sll-") else 0.0
 
 
 @dataclass
