@@ -127,6 +127,7 @@ def run_experiment(
                 "adv_map_50": res["pgd"]["map_50"],
                 "drop": res["clean"]["map_50"] - res["pgd"]["map_50"],
                 "certified_share": (res.get("certify") or {}).get("certified_share"),
+                "median_radius": (res.get("certify") or {}).get("median_radius_detected"),
                 "lipschitz_loc": bounds.get("loc"),
                 "lipschitz_cls": bounds.get("cls"),
                 "latency_ms": _latency_ms(artifact),
@@ -145,15 +146,20 @@ def _num(v: Optional[float]) -> str:
     return "-" if v is None else (f"{v:.3g}" if v < 1000 else f"{v:.3e}")
 
 
+def _radius(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The seed-style table: mAP figures in percent (IoU 0.5), eps 0.5 L2 PGD."""
     head = ("| arch | precision | params | clean mAP50 | adv mAP50 (eps 0.5) | drop | certified @0.5 (%) "
-            "| L loc | L cls | latency (ms/img) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| median cert. radius | L loc | L cls | latency (ms/img) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['arch']} | {r['precision']} | {r['params']:,} | {_pct(r['clean_map_50'])} | {_pct(r['adv_map_50'])} "
-            f"| {_pct(r['drop'])} | {_pct(r['certified_share'])} | {_num(r['lipschitz_loc'])} | {_num(r['lipschitz_cls'])} "
+            f"| {_pct(r['drop'])} | {_pct(r['certified_share'])} | {_radius(r.get('median_radius'))} "
+            f"| {_num(r['lipschitz_loc'])} | {_num(r['lipschitz_cls'])} "
             f"| {r['latency_ms']:.2f} |"
         )
     return "\n".join(lines)

@@ -56,7 +56,7 @@ def default_lr(arch: str) -> float:
 
 
 CERTIFIED_TRAINING: dict[str, dict[str, Any]] = {
-    "sll-spectral": {"model_options": {"loc_scale": 1.5, "learn_loc_scale": False}, "margin_eps": 0.5},
+    "sll-spectral": {"model_options": {"loc_scale": 1.0, "learn_loc_scale": False}, "margin_eps": 0.5},
 }
 """Training defaults per arch beyond the model's own (``--option`` / ``--margin-eps`` override them).
 
