@@ -53,3 +53,16 @@ def test_experiment_help_and_bad_options_exit_2(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and word in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_experiment_table_has_the_seed_columns_and_the_certified_radius():
+    from lipdet.experiment import to_markdown
+
+    row = {"arch": "sll-spectral", "precision": "fp32", "params": 399096, "clean_map_50": 0.5, "adv_map_50": 0.4,
+           "drop": 0.1, "certified_share": 0.0123, "median_radius": 0.0042, "lipschitz_loc": 1.0,
+           "lipschitz_cls": 33.5, "latency_ms": 3.99}
+    head, rule, line = to_markdown([row, {**row, "certified_share": None, "median_radius": None}]).splitlines()[:3]
+    assert head.count("|") == rule.count("|") == line.count("|")
+    assert "certified @0.5 (%)" in head and "median cert. radius" in head
+    assert "| 50.00 | 40.00 | 10.00 | 1.23 | 0.004 | 1 | 33.5 | 3.99 |" in line
+    assert "| - | - |" in to_markdown([{**row, "certified_share": None, "median_radius": None}])

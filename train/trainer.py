@@ -77,6 +77,16 @@ def default_margin_eps(arch: str) -> float:
     return float(CERTIFIED_TRAINING.get(arch, {}).get("margin_eps", 0.0))
 
 
+def _extras(loop: LoopConfig) -> str:
+    """``", options pool=l2 ..., margin eps 0.5"`` for the start line (empty when neither is set)."""
+    parts = []
+    if loop.model_options:
+        parts.append("options " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(loop.model_options.items())))
+    if loop.margin_eps > 0:
+        parts.append(f"margin eps {loop.margin_eps:g}")
+    return "".join(", " + p for p in parts)
+
+
 def parse_model_options(items: Sequence[str]) -> dict[str, Any]:
     """``["pool=l2", "loc_scale=1", "learn_loc_scale=false"]`` -> ``{"pool": "l2", "loc_scale": 1, ...}``.
 
@@ -717,7 +727,7 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] | None = None) 
         f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
         f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
         f"{plan.loop.precision}, batch {plan.loop.batch_size}, "
-        f"lr {plan.loop.lr:g}, seed {plan.loop.seed} -> {storage.describe()}"
+        f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)} -> {storage.describe()}"
     )
     t0 = time.perf_counter()
     with ray_session(opts.address, plan.workers):
