@@ -96,12 +96,18 @@ def test_class_radius_formula():
     assert r[0, 1].item() == pytest.approx(3.0 / (math.sqrt(2) * 0.5))
 
 
+def _boxes_near_priors(g: torch.Generator, m: int, offset_noise: float):
+    """``m`` random priors, a ground-truth box near each, and noisy encoded offsets towards it."""
+    priors = torch.cat([torch.rand(m, 2, generator=g) * 0.6 + 0.2, torch.rand(m, 2, generator=g) * 0.3 + 0.1], dim=1)
+    gt = cxcywh_to_xyxy(priors + torch.randn(m, 4, generator=g) * 0.02).clamp(0, 1)
+    offsets = encode(gt, priors) + torch.randn(m, 4, generator=g) * offset_noise
+    return priors, gt, offsets
+
+
 def test_iou_lower_bound_holds_for_sampled_boxes():
     g = torch.Generator().manual_seed(0)
     m = 64
-    priors = torch.cat([torch.rand(m, 2, generator=g) * 0.6 + 0.2, torch.rand(m, 2, generator=g) * 0.3 + 0.1], dim=1)
-    gt = cxcywh_to_xyxy(priors + torch.randn(m, 4, generator=g) * 0.02).clamp(0, 1)
-    offsets = encode(gt, priors) + torch.randn(m, 4, generator=g) * 0.2
+    priors, gt, offsets = _boxes_near_priors(g, m, 0.2)
     b = torch.rand(m, generator=g) * 0.5
     lb = iou_lower_bound(offsets, priors, gt, b)
     exact0 = box_iou(decode(offsets, priors).double(), gt.double()).diagonal()
@@ -137,9 +143,7 @@ def test_sphere_corners_cover_the_orthant_of_the_ball():
 def test_l2_box_bound_holds_under_l2_perturbations_and_beats_the_per_coordinate_bound():
     g = torch.Generator().manual_seed(2)
     m = 48
-    priors = torch.cat([torch.rand(m, 2, generator=g) * 0.6 + 0.2, torch.rand(m, 2, generator=g) * 0.3 + 0.1], dim=1)
-    gt = cxcywh_to_xyxy(priors + torch.randn(m, 4, generator=g) * 0.02).clamp(0, 1)
-    offsets = encode(gt, priors) + torch.randn(m, 4, generator=g) * 0.1
+    priors, gt, offsets = _boxes_near_priors(g, m, 0.1)
     rho = torch.rand(m, generator=g) * 0.8
     lb = iou_lower_bound_l2(offsets, priors, gt, rho)
     coord = iou_lower_bound(offsets, priors, gt, rho)
