@@ -303,6 +303,54 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+class TrainStep:
+    """One optimisation step: autocast forward, MultiBox loss with the step's Lipschitz margin,
+    (loss-scaled for fp16 on CUDA) backward, optimizer and scheduler step.
+
+    The Ray loop runs it on every worker, and ``scripts/gpu_check.py`` runs the very same object on
+    a GPU without Ray, so a CUDA/fp16 step checked there is the step the workers take.
+
+    Args:
+        model: the model, possibly wrapped for DDP (the margin reads the unwrapped one's temperatures).
+        device: where ``model`` lives; images move there in ``memory_format`` of
+            :attr:`LoopConfig.use_channels_last`.
+        total_steps: the run's steps (the margin ramp and the schedule are fractions of it).
+    """
+
+    def __init__(self, cfg: LoopConfig, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, device: torch.device, total_steps: int) -> None:
+        self.cfg, self.model, self.raw = cfg, model, _unwrap(model)
+        self.criterion, self.optimizer, self.scheduler = criterion, optimizer, scheduler
+        self.device, self.total_steps = device, total_steps
+        self.amp_dtype = cfg.autocast_dtype
+        self.mem_format = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
+        use_scaler = self.amp_dtype is torch.float16 and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def autocast(self) -> torch.autocast:
+        dtype = self.amp_dtype
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def __call__(self, images: Tensor, targets: list[dict[str, Tensor]], step: int) -> dict[str, Tensor]:
+        """Train on ``images`` ``(N, 3, S, S)`` in [0, 1] and their targets (boxes in pixels) at
+        0-based global ``step``; returns the loss terms (``loss``, ``loc``, ``cls``), still on the device."""
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.mem_format)
+        with self.autocast():
+            loc, logits = self.model(images)
+        losses = self.criterion(loc, logits, targets,
+                                cls_margin=train_margin(self.cfg, self.raw, step, self.total_steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            losses["loss"].backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return losses
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``).
 
@@ -364,13 +412,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     warmup = int(cfg.warmup_frac * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
-    amp_dtype = cfg.autocast_dtype
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
+    train_step = TrainStep(cfg, model, criterion, optimizer, scheduler, device, total_steps)
+    scaler = train_step.scaler
     reduce_dtype = torch.float64
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 and device.type == "cuda" else None
 
     start_epoch, history, resumed_from = 0, [], None
     checkpoint = ray.train.get_checkpoint()
@@ -408,19 +452,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for step, (images, targets) in enumerate(loader, start=1):
             if cfg.augment:
                 images, targets = augment_batch(images, targets, aug_gen)
-            images = images.contiguous(memory_format=mem_format)
-            with autocast():
-                loc, logits = model(images)
-            losses = criterion(loc, logits, targets, cls_margin=train_margin(cfg, raw, (epoch - 1) * steps_per_epoch + step - 1, total_steps))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(losses["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                losses["loss"].backward()
-                optimizer.step()
-            scheduler.step()
+            losses = train_step(images, targets, (epoch - 1) * steps_per_epoch + step - 1)
             sums += torch.tensor(
                 [float(losses["loss"].detach()), float(losses["loc"].detach()), float(losses["cls"].detach()),
                  1.0, float(images.shape[0])],
@@ -569,6 +601,7 @@ __all__: list[str] = [
     "PRECISIONS",
     "ProgressSink",
     "STATE_FILE",
+    "TrainStep",
     "augment_batch",
     "default_threads",
     "evaluate",
