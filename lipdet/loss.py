@@ -54,6 +54,16 @@ def match_targets(
     return loc_t, cls_t
 
 
+def hard_negatives(ce: Tensor, pos: Tensor, neg_pos_ratio: int = 3) -> Tensor:
+    """Hard negative mining: ``(N, P)`` mask of each image's ``neg_pos_ratio * positives`` negatives
+    with the highest loss ``ce (N, P)`` (at least ``neg_pos_ratio``: images without objects still
+    learn background); ``pos (N, P)`` marks the matched priors."""
+    neg_loss = ce.detach().masked_fill(pos, 0.0)
+    rank = neg_loss.argsort(dim=1, descending=True).argsort(dim=1)
+    num_neg = (neg_pos_ratio * pos.sum(dim=1, keepdim=True)).clamp_max(pos.shape[1] - 1)
+    return rank < num_neg.clamp_min(neg_pos_ratio)
+
+
 class MultiBoxLoss(nn.Module):
     """SSD loss: ``cls + alpha * loc``, both divided by the number of matched priors.
 
@@ -105,12 +115,7 @@ class MultiBoxLoss(nn.Module):
             raise_by = (margin_t * pos.to(logits.dtype)).unsqueeze(-1)  # (N, P, 1): positives only
             logits = logits + raise_by * (1.0 - onehot)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cls_t.reshape(-1), reduction="none").view_as(cls_t)
-        # Hard negative mining: rank negatives by their loss, keep the top ratio * positives per image.
-        neg_loss = ce.detach().masked_fill(pos, 0.0)
-        rank = neg_loss.argsort(dim=1, descending=True).argsort(dim=1)
-        num_neg = (self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)).clamp_max(pos.shape[1] - 1)
-        num_neg = num_neg.clamp_min(self.neg_pos_ratio)  # images with no object still learn background
-        neg = rank < num_neg
+        neg = hard_negatives(ce, pos, self.neg_pos_ratio)
         cls_loss = ce[pos | neg].sum() / num_pos
         return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}
 

@@ -169,3 +169,22 @@ def test_seed_makes_a_one_worker_run_repeat_exactly(stopped_then_resumed, tmp_pa
     sb = load_checkpoint(stopped_then_resumed["resumed"].model_path).state_dict
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_margin_trained_sll_spectral_ends_with_calibrated_temperatures(ray_cluster, tiny_svhn, tmp_path):
+    """sll-spectral trains with the margin loss by default; model.pt then holds class temperatures
+    refitted after training (recorded in its meta), the pre-temperature network untouched."""
+    lines: list[str] = []
+    res = run_training(
+        TrainOptions(data=tiny_svhn, workers=1, arch="sll-spectral", out=str(tmp_path / "runs"), name="cal",
+                     width=0.25, batch_size=8, epochs=1, progress=False),
+        echo=lines.append,
+    )
+    ck = load_checkpoint(res.model_path)
+    cal = ck.meta["calibration"]
+    assert len(cal["after"]) == 4 and all(0 < t < 1e3 for t in cal["after"])
+    assert cal["nll_after"] <= cal["nll_before"] and 0.0 <= cal["val_map_50"] <= 1.0
+    model = load_model(res.model_path)
+    taus = [model.cls_heads[t].temperature() for t in model.taps]
+    assert taus == pytest.approx(cal["after"], rel=1e-5)
+    assert any("calibrated the class temperatures" in line for line in lines)

@@ -41,6 +41,11 @@ from torch import Tensor, nn
 STATE_FILE = "train_state.pt"
 STATE_FORMAT = "lipdet-train-state"
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+LOG_TEMPERATURE_CAP = math.log(1e4)
+"""Upper bound on a learnt class temperature during training. Under the Lipschitz-margin loss the
+temperature only grows (the margin follows it) -- 1e5-1e6 after 15-18 epochs, and ``exp`` would
+overflow float32 in a run of ~100 epochs; past 1e4 the margin loss is a hard hinge on the
+pre-temperature logits already. :mod:`lipdet.train.calibrate` refits it for the scores at the end."""
 
 
 @dataclass
@@ -305,7 +310,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 class TrainStep:
     """One optimisation step: autocast forward, MultiBox loss with the step's Lipschitz margin,
-    (loss-scaled for fp16 on CUDA) backward, optimizer and scheduler step.
+    (loss-scaled for fp16 on CUDA) backward, optimizer and scheduler step, learnt class
+    temperatures kept below :data:`LOG_TEMPERATURE_CAP`.
 
     The Ray loop runs it on every worker, and ``scripts/gpu_check.py`` runs the very same object on
     a GPU without Ray, so a CUDA/fp16 step checked there is the step the workers take.
@@ -326,6 +332,8 @@ class TrainStep:
         self.mem_format = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
         use_scaler = self.amp_dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.log_temperatures = [p for n, p in self.raw.named_parameters()
+                                 if n.startswith("cls_heads.") and n.endswith("log_temperature") and p.requires_grad]
 
     def autocast(self) -> torch.autocast:
         dtype = self.amp_dtype
@@ -348,6 +356,10 @@ class TrainStep:
             losses["loss"].backward()
             self.optimizer.step()
         self.scheduler.step()
+        if self.log_temperatures:
+            with torch.no_grad():
+                for p in self.log_temperatures:
+                    p.clamp_(max=LOG_TEMPERATURE_CAP)
         return losses
 
 
@@ -597,6 +609,7 @@ def default_threads(workers_on_node: int, cores: int | None = None) -> int:
 
 
 __all__: list[str] = [
+    "LOG_TEMPERATURE_CAP",
     "LoopConfig",
     "PRECISIONS",
     "ProgressSink",
