@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unshuffle-t10": {"options": {"pool": "unshuffle", "shrink": "conv", "cls_temperature": 10.0}},
     "unshuffle-t3": {"options": {"pool": "unshuffle", "shrink": "conv", "cls_temperature": 3.0}},
     "l2pool": {"options": {"pool": "l2", "shrink": "conv"}},
+    "l2pool-eps1": {"options": {"pool": "l2", "shrink": "conv"}, "margin_eps": 1.0},
+    "l2pool-truncate": {"options": {"pool": "l2"}},
 }
 """Changes to ``lipdet train --arch sll-spectral``'s defaults: ``options`` (``-O``), ``margin_eps``,
 ``width``, ``arch``."""

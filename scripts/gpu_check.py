@@ -198,10 +198,12 @@ def check_eval_cli(onnx: Path, out_dir: Path, limit: int) -> dict:
     out: dict[str, Any] = {}
     for dev in ("cuda", "auto", "cpu"):
         js = out_dir / f"eval-{onnx.stem}-{dev}.json"
-        cmd = [sys.executable, "-m", "lipdet.cli", "eval", str(onnx), "--pgd", "--certify", "--device", dev,
-               "--limit", str(limit), "--json", str(js), "--no-progress"]
+        cmd = [sys.executable, "-m", "lipdet.cli", "eval", str(onnx.resolve()), "--pgd", "--certify", "--device", dev,
+               "--limit", str(limit), "--json", str(js.resolve()), "--no-progress"]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the checkout's
+        # lipdet/ folder alone lacks the stage subpackages (they are mapped in at install time)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=out_dir)
         row: dict[str, Any] = {"rc": p.returncode, "wall_s": round(time.perf_counter() - t0, 1),
                                "tail": (p.stdout + p.stderr)[-1500:]}
         if p.returncode == 0 and js.is_file():
