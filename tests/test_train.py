@@ -188,3 +188,4 @@ def test_margin_trained_sll_spectral_ends_with_calibrated_temperatures(ray_clust
     taus = [model.cls_heads[t].temperature() for t in model.taps]
     assert taus == pytest.approx(cal["after"], rel=1e-5)
     assert any("calibrated the class temperatures" in line for line in lines)
+    assert any("with calibrated temperatures" in line and line.startswith("done in") for line in lines)

@@ -841,8 +841,10 @@ def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], second
         "validation": "the dataset's test split"
         + (f" (first {plan.loop.val_limit} images)" if plan.loop.val_limit else ""),
     }
+    final = last
     if calibration:
         meta["calibration"] = calibration
+        final = {"val_map_50": calibration["val_map_50"], "val_map": calibration["val_map"]}
     run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = save_checkpoint(run_dir / MODEL_FILE, model, meta)
@@ -856,8 +858,10 @@ def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], second
     mark_latest(run_dir)
     minutes, secs = divmod(int(round(seconds)), 60)
     say(
-        f"done in {minutes}m{secs:02d}s: val map_50 {last.get('val_map_50', float('nan')):.3f} "
-        f"(map {last.get('val_map', float('nan')):.3f}) after {state['epoch']} epochs"
+        f"done in {minutes}m{secs:02d}s: val map_50 {final.get('val_map_50', float('nan')):.3f} "
+        f"(map {final.get('val_map', float('nan')):.3f}) after {state['epoch']} epochs"
+        + (f", with calibrated temperatures (last epoch: {last.get('val_map_50', float('nan')):.3f})"
+           if calibration else "")
     )
     return TrainResult(
         run_dir=run_dir, model_path=model_path, metrics=last, history=history, seconds=seconds, name=plan.name
