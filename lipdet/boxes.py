@@ -40,8 +40,13 @@ class PriorSpec:
         return len(self.aspect_ratios)
 
     @property
+    def priors_per_map(self) -> tuple[int, ...]:
+        """Priors of each feature map, in prior order (largest map first)."""
+        return tuple(self.anchors_per_location * s * s for s in self.feature_sizes)
+
+    @property
     def num_priors(self) -> int:
-        return self.anchors_per_location * sum(s * s for s in self.feature_sizes)
+        return sum(self.priors_per_map)
 
     def to_dict(self) -> dict[str, list[float]]:
         return {k: list(v) for k, v in asdict(self).items()}

@@ -111,7 +111,7 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
     model = build_model(cfg.arch, width=cfg.width, input_size=cfg.input_size, **cfg.model_options)
     priors = model.priors.detach().clone()
     criterion = MultiBoxLoss(priors, cfg.input_size).to(device)
-    mem = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
+    mem = cfg.memory_format
     model = model.to(device=device, memory_format=mem)
     train_ds, val_ds = load_split(cfg, "train", limit), load_split(cfg, "test", limit // 4)
     images = torch.stack([train_ds[i][0] for i in range(len(train_ds))]).to(device)

@@ -85,7 +85,7 @@ def train_steps(arch: str, precision: str, device: torch.device, data: list, ste
                      margin_eps=default_margin_eps(arch), lr=default_lr(arch))
     model = build_model(arch, **opts)
     criterion = MultiBoxLoss(model.priors, cfg.input_size).to(device)
-    model = model.to(device=device, memory_format=torch.channels_last if cfg.use_channels_last else torch.contiguous_format)
+    model = model.to(device=device, memory_format=cfg.memory_format)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     total = warmup + steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, 2))

@@ -35,6 +35,7 @@ def pre_temperature_logits(model: nn.Module, dataset: Any, limit: int, batch_siz
     model.eval()
     device = model.priors.device
     tau = model.prior_temperatures().view(1, -1, 1)
+    priors = model.priors.cpu()
     zs, classes = [], []
     n = min(limit, len(dataset))
     for start in range(0, n, batch_size):
@@ -43,7 +44,7 @@ def pre_temperature_logits(model: nn.Module, dataset: Any, limit: int, batch_siz
         _, logits = model(images)
         zs.append((logits.float() / tau).cpu())
         targets = [{"boxes": it[1]["boxes"], "labels": it[1]["labels"]} for it in items]
-        classes.append(match_targets(targets, model.priors.cpu(), model.config.input_size)[1])
+        classes.append(match_targets(targets, priors, model.config.input_size)[1])
     model.train(was_training)
     return torch.cat(zs), torch.cat(classes)
 
@@ -70,7 +71,7 @@ def fit_class_temperatures(
         return {"skipped": "no learnt class temperature", "before": [], "after": []}
     z, cls_t = pre_temperature_logits(model, dataset, limit)
     pos = cls_t > 0
-    counts = [model.prior_spec.anchors_per_location * s * s for s in model.prior_spec.feature_sizes]
+    counts = model.prior_spec.priors_per_map
     scale_of_prior = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     learnt = {t for t, _ in heads}
     mask = torch.tensor([t in learnt for t in model.taps])

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lipdet.train.calibrate import learnt_temperature_heads
+
 STATE_FILE = "train_state.pt"
 STATE_FORMAT = "lipdet-train-state"
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -100,6 +102,11 @@ class LoopConfig:
         if self.channels_last is None:
             return self.precision != "fp32" or not self.use_gpu
         return bool(self.channels_last)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The model's and the images' memory format (see :attr:`use_channels_last`)."""
+        return torch.channels_last if self.use_channels_last else torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,11 +336,10 @@ class TrainStep:
         self.criterion, self.optimizer, self.scheduler = criterion, optimizer, scheduler
         self.device, self.total_steps = device, total_steps
         self.amp_dtype = cfg.autocast_dtype
-        self.mem_format = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
+        self.mem_format = cfg.memory_format
         use_scaler = self.amp_dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.log_temperatures = [p for n, p in self.raw.named_parameters()
-                                 if n.startswith("cls_heads.") and n.endswith("log_temperature") and p.requires_grad]
+        self.log_temperatures = [h.log_temperature for _, h in learnt_temperature_heads(self.raw)]
 
     def autocast(self) -> torch.autocast:
         dtype = self.amp_dtype
@@ -393,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model_config = model.config.to_dict()
     priors = model.priors.detach().clone()
     criterion = MultiBoxLoss(priors, cfg.input_size, **cfg.loss_options).to(device)
-    mem_format = torch.channels_last if cfg.use_channels_last else torch.contiguous_format
+    mem_format = cfg.memory_format
     model = model.to(device=device, memory_format=mem_format)
 
     train_ds = load_split(cfg, "train", cfg.train_limit)

@@ -344,15 +344,14 @@ class TinierSSD(nn.Module):
         ``L`` of :func:`lipdet.loss.lipschitz_margin`; for the other archs only the head's factor.
         """
         dev = self.priors.device
-        taus, counts = [], []
-        for tap, size in zip(self.taps, self.prior_spec.feature_sizes):
+        taus = []
+        for tap in self.taps:
             head = self.cls_heads[tap]
             tau = head.temperature_tensor() if hasattr(head, "temperature_tensor") else None
             taus.append(tau.detach().reshape(()).float() if tau is not None else torch.ones((), device=dev))
-            counts.append(self.prior_spec.anchors_per_location * size * size)
         # on the device, without a host sync: this runs every training step under --margin-eps
-        return torch.repeat_interleave(torch.stack(taus).to(dev), torch.tensor(counts, device=dev),
-                                       output_size=self.num_priors)
+        counts = torch.tensor(self.prior_spec.priors_per_map, device=dev)
+        return torch.repeat_interleave(torch.stack(taus).to(dev), counts, output_size=self.num_priors)
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Tap outputs ``[(N, C_i, s_i, s_i)]`` for ``images (N, 3, S, S)`` in ``[0, 1]``."""
