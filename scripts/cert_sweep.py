@@ -103,7 +103,7 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
     from lipdet.artifacts import save_checkpoint
     from lipdet.loss import MultiBoxLoss
     from lipdet.models import build_model
-    from lipdet.train.loop import TrainStep, augment_batch, evaluate, load_split, lr_factor
+    from lipdet.train.loop import TrainStep, augment_batch, evaluate, load_split, lr_factor, make_optimizer
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
     targets = [{k: train_ds[i][1][k].to(device) for k in ("boxes", "labels")} for i in range(len(train_ds))]
     spe = len(train_ds) // cfg.batch_size
     plan = {"epochs": max_epochs, "total": spe * max_epochs}
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan["total"], spe))
     step_fn = TrainStep(cfg, model, criterion, opt, sched, device, plan["total"])
     history: list[dict[str, Any]] = []

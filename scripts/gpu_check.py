@@ -76,7 +76,7 @@ def train_steps(arch: str, precision: str, device: torch.device, data: list, ste
     """``steps`` timed TrainSteps (after ``warmup``) of ``arch`` in ``precision`` on ``device``."""
     from lipdet.loss import MultiBoxLoss
     from lipdet.models import build_model
-    from lipdet.train.loop import LoopConfig, TrainStep, lr_factor
+    from lipdet.train.loop import LoopConfig, TrainStep, lr_factor, make_optimizer
     from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
 
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def train_steps(arch: str, precision: str, device: torch.device, data: list, ste
     model = build_model(arch, **opts)
     criterion = MultiBoxLoss(model.priors, cfg.input_size).to(device)
     model = model.to(device=device, memory_format=cfg.memory_format)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(cfg, model)
     total = warmup + steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, 2))
     step = TrainStep(cfg, model, criterion, opt, sched, device, total)

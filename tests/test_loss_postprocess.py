@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from lipdet.boxes import PriorSpec, encode, make_priors
-from lipdet.loss import MultiBoxLoss, match_targets
+from torchvision.ops import box_iou
+
+from lipdet.boxes import PriorSpec, cxcywh_to_xyxy, encode, make_priors
+from lipdet.loss import MultiBoxLoss, hard_negatives, match_targets
 from lipdet.postprocess import PostprocessConfig, postprocess
 
 S = 74
@@ -17,6 +19,73 @@ def test_every_ground_truth_gets_a_prior():
     loc_t, cls_t = match_targets([_target()], priors, S)
     assert set(cls_t[0].unique().tolist()) == {0, 1, 4}  # background, digit 0 -> 1, digit 3 -> 4
     assert (cls_t[0] == 1).sum() >= 1 and (cls_t[0] == 4).sum() >= 1
+
+
+def _match_one_by_one(targets, priors, input_size, iou_threshold=0.5):
+    """Reference matcher: the textbook per-image SSD assignment, one image and one box at a time."""
+    p_xyxy = cxcywh_to_xyxy(priors)
+    loc_t = torch.zeros(len(targets), priors.shape[0], 4)
+    cls_t = torch.zeros(len(targets), priors.shape[0], dtype=torch.long)
+    for i, t in enumerate(targets):
+        boxes = t["boxes"].float() / input_size
+        if boxes.numel() == 0:
+            continue
+        iou = box_iou(boxes, p_xyxy)
+        best_gt_iou, best_gt = iou.max(dim=0)
+        for j, prior in enumerate(iou.argmax(dim=1).tolist()):  # later boxes win a shared prior
+            best_gt_iou[prior], best_gt[prior] = 2.0, j
+        cls = t["labels"][best_gt] + 1
+        cls[best_gt_iou < iou_threshold] = 0
+        cls_t[i] = cls
+        loc_t[i] = torch.where((cls > 0)[:, None], encode(boxes[best_gt], priors), 0.0)
+    return loc_t, cls_t
+
+
+def _random_targets(gen, n):
+    targets = []
+    for _ in range(n):
+        k = int(torch.randint(0, 6, (1,), generator=gen))
+        xy = torch.rand(k, 2, generator=gen) * 50
+        wh = 4 + torch.rand(k, 2, generator=gen) * 30
+        targets.append({"boxes": torch.cat([xy, (xy + wh).clamp_max(S)], 1), "labels": torch.randint(0, 10, (k,), generator=gen)})
+    return targets
+
+
+def test_batched_matching_equals_the_per_image_reference():
+    gen = torch.Generator().manual_seed(0)
+    priors = make_priors(PriorSpec())
+    for _ in range(20):
+        targets = _random_targets(gen, 8)
+        targets[0] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}  # no object
+        loc_t, cls_t = match_targets(targets, priors, S)
+        ref_loc, ref_cls = _match_one_by_one(targets, priors, S)
+        assert torch.equal(cls_t, ref_cls)
+        torch.testing.assert_close(loc_t, ref_loc, rtol=0, atol=1e-5)
+        assert (cls_t[0] == 0).all() and (loc_t[0] == 0).all()
+    # two copies of one box claim the same best prior: the later one keeps it
+    twin = {"boxes": torch.tensor([[10.0, 12.0, 24.0, 40.0]] * 2), "labels": torch.tensor([3, 7])}
+    _, cls_t = match_targets([twin], priors, S)
+    best = box_iou(twin["boxes"][:1] / S, cxcywh_to_xyxy(priors)).argmax()
+    assert cls_t[0, best] == 8
+    # an empty batch of objects
+    _, cls_t = match_targets([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2, priors, S)
+    assert cls_t.shape == (2, priors.shape[0]) and (cls_t == 0).all()
+
+
+def test_hard_negatives_pick_the_highest_losses_per_image():
+    gen = torch.Generator().manual_seed(1)
+    ce = torch.rand(4, 50, generator=gen)
+    pos = torch.zeros(4, 50, dtype=torch.bool)
+    pos[0, :2] = True  # 6 negatives
+    pos[1, :20] = True  # 3 * 20 > 49: capped at 49
+    # image 2: no positives, still the 3 hardest; image 3: one positive, 3 negatives
+    pos[3, 7] = True
+    neg = hard_negatives(ce, pos)
+    for i, want in enumerate((6, 49, 3, 3)):
+        assert int(neg[i].sum()) == want
+        loss = ce[i].masked_fill(pos[i], 0.0)
+        chosen, rest = loss[neg[i]], loss[~neg[i]]
+        assert chosen.min() >= rest.max()  # the hardest ones, nothing easier
 
 
 def test_loss_decreases_on_tiny_overfit_batch():

@@ -369,6 +369,15 @@ class TrainStep:
         return losses
 
 
+def make_optimizer(cfg: LoopConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam over ``model``'s parameters, the fused kernel where torch has one for their device
+    (CPU and CUDA: one pass over all parameters instead of a dozen ``foreach`` ops; on the 2-core
+    CPU 1.2 ms instead of 3.5-4.8 ms a step for ``naive``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``).
 
@@ -425,7 +434,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     raw = _unwrap(model)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model)
     steps_per_epoch = len(loader)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     warmup = int(cfg.warmup_frac * total_steps)

@@ -440,7 +440,8 @@ class ConvBNAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.bn(self.conv(x))
-        return F.relu(x) if self.relu else x
+        # In place: BatchNorm's backward needs its input, not its output; one memory pass less.
+        return F.relu(x, inplace=True) if self.relu else x
 
     def folded_weight_bias(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias of the conv with the BatchNorm (running statistics, i.e. eval mode) folded in."""
