@@ -4,8 +4,10 @@
 Same model, same data (the first ``--images`` crops of the synthetic SVHN train split, or
 ``--data``), same global batch, no augmentation. Images/s counts training steps only:
 
-* plain: one process, ``torch.set_num_threads(cores)``, a minimal hand-written loop (model, Adam,
-  MultiBox loss, DataLoader, autocast); timed after ``--warmup`` steps.
+* plain: one process, ``torch.set_num_threads(cores)``, a minimal hand-written loop (model, the
+  Ray loop's optimizer (fused Adam), MultiBox loss, DataLoader, autocast); fp32 and bf16 side by
+  side, each batch trained by both in alternating order (:func:`plain_loops`); timed after
+  ``--warmup`` steps.
 * Ray N: ``lipdet.train``'s real TorchTrainer and loop on N workers (cores // N threads each,
   per-worker batch = global / N, DDP over gloo); the loop's own images/s of the last epoch
   (the first epoch is warm-up), validation excluded.
@@ -18,8 +20,11 @@ Usage::
 The measured window matters: with 384 images x 2 epochs, a bf16 Ray epoch lasts ~2 s and catches the
 cluster's start-up work (controller, idle workers importing torch), which read as a 25-35% "Ray
 overhead" that a longer window (768 x 3, the default) shows is not there in steady state.
-The plain loop's per-phase table shows what bounds the bf16/fp32 ratio: convolutions get the
-AMX speed-up, BatchNorm (memory-bound) ~2x, the MultiBox loss (fp32 target matching) none.
+The plain loop's per-phase table shows what bounds the bf16/fp32 ratio: the MultiBox loss and the
+optimizer (fp32 in both) do not speed up; inside forward and backward, oneDNN's AMX convolutions
+run 2.6x faster in bf16 for this model (3-4x on the 74x74 and 37x37 maps, ~1x or slower for the
+weight gradients of the 18x18 maps; ``ONEDNN_VERBOSE=1`` shows each primitive's time), BatchNorm,
+ReLU and max-pool 1.2-2.4x.
 
 Ray workers normally run at nice 15; here the local cluster runs them at nice 0
 (``RAY_worker_niceness=0``) so that on a busy machine they compete on equal terms with the plain loop.
@@ -60,51 +65,65 @@ def dataset(args):
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
-def plain_loop(args, ds, precision: str) -> tuple[float, dict[str, float]]:
-    """Images/s of a single-process loop with the same model, loss, batch and layout, and the
-    milliseconds per step spent in each of :data:`PHASES` (timed steps only)."""
+def plain_loops(args, ds, precisions: list[str]) -> dict[str, tuple[float, dict[str, float]]]:
+    """Images/s of a single-process loop per precision, and the milliseconds per step spent in each
+    of :data:`PHASES` (timed steps only).
+
+    The precisions run side by side: one model, optimizer and loss per precision (same initial
+    weights), and every batch is trained by each of them in turn (the order alternates), so a
+    slow spell of the machine costs every precision alike. On this shared 2-core machine
+    back-to-back runs of the same loop differ by up to 1.5x; interleaved, the ratio is stable.
+    """
     from lipdet.data.dataset import detection_collate
     from lipdet.loss import MultiBoxLoss
     from lipdet.models import build_model
+    from lipdet.train.loop import LoopConfig, make_optimizer
 
     torch.set_num_threads(cores())
-    torch.manual_seed(0)
-    model = build_model(args.arch, width=args.width)
-    loss_fn = MultiBoxLoss(model.priors, 74)
     mf = torch.channels_last
-    model = model.to(memory_format=mf).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    runs = {}
+    for precision in precisions:
+        torch.manual_seed(0)
+        model = build_model(args.arch, width=args.width).to(memory_format=mf).train()
+        runs[precision] = (model, MultiBoxLoss(model.priors, 74), make_optimizer(LoopConfig(arch=args.arch, lr=1e-3), model))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=detection_collate, num_workers=0)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    done, images, t0 = 0, 0, None
-    spent = dict.fromkeys(PHASES, 0.0)
+    spent = {p: dict.fromkeys(PHASES, 0.0) for p in precisions}
+    done = images = 0
+
+    def step(precision: str, x: torch.Tensor, targets: list, data_s: float) -> None:
+        model, loss_fn, opt = runs[precision]
+        marks = [time.perf_counter() - data_s, time.perf_counter()]
+        x = x.contiguous(memory_format=mf)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loc, logits = model(x)
+        marks.append(time.perf_counter())
+        loss = loss_fn(loc, logits, targets)["loss"]
+        marks.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(time.perf_counter())
+        opt.step()
+        marks.append(time.perf_counter())
+        if done >= args.warmup:
+            for phase, a, b in zip(PHASES, marks, marks[1:]):
+                spent[precision][phase] += b - a
+
     while True:
         t_data = time.perf_counter()
         for x, targets in loader:
-            if done == args.warmup:
-                t0, images = t_data, 0
-                spent = dict.fromkeys(PHASES, 0.0)
-            marks = [t_data, time.perf_counter()]
-            x = x.contiguous(memory_format=mf)
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loc, logits = model(x)
-            marks.append(time.perf_counter())
-            loss = loss_fn(loc, logits, targets)["loss"]
-            marks.append(time.perf_counter())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            marks.append(time.perf_counter())
-            opt.step()
-            marks.append(time.perf_counter())
-            for phase, a, b in zip(PHASES, marks, marks[1:]):
-                spent[phase] += b - a
+            data_s = time.perf_counter() - t_data  # every precision pays the batch's loading
+            order = precisions if done % 2 == 0 else precisions[::-1]
+            for precision in order:
+                step(precision, x, targets, data_s)
+            if done >= args.warmup:
+                images += x.shape[0]
             done += 1
-            images += x.shape[0]
-            t_data = time.perf_counter()
-            if t0 is not None and done >= args.warmup + args.steps:
+            if done >= args.warmup + args.steps:
                 steps = done - args.warmup
-                return images / (t_data - t0), {k: 1000 * v / steps for k, v in spent.items()}
+                return {p: (images / sum(spent[p].values()), {k: 1000 * v / steps for k, v in spent[p].items()})
+                        for p in precisions}
+            t_data = time.perf_counter()
 
 
 def ray_loop(args, root: Path, workers: int, precision: str) -> tuple[float, int]:
@@ -133,11 +152,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="global batch")
     ap.add_argument("--epochs", type=int, default=3, help="Ray epochs (the last one is measured)")
     ap.add_argument("--warmup", type=int, default=2, help="plain-loop warm-up steps")
-    ap.add_argument("--steps", type=int, default=0, help="plain-loop timed steps (default: one epoch)")
+    ap.add_argument("--steps", type=int, default=0, help="plain-loop timed steps per precision (default: two epochs)")
+    ap.add_argument("--plain-only", action="store_true", help="skip the Ray Train runs")
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
     if args.steps <= 0:
-        args.steps = max(1, args.images // args.batch_size)
+        args.steps = max(1, 2 * args.images // args.batch_size)
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
@@ -146,15 +166,19 @@ def main() -> None:
     c = cores()
     print(f"{args.arch} width {args.width}, {len(ds)} images/epoch, global batch {args.batch_size}, "
           f"{c} cores, torch {torch.__version__}, ray {ray.__version__}", file=sys.stderr)
-    ray.init(num_cpus=c, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    if not args.plain_only:
+        ray.init(num_cpus=c, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     rows: list[tuple[str, str, float]] = []
     phases: dict[str, dict[str, float]] = {}
     t_start = time.perf_counter()
     try:
-        for precision in args.precisions.split(","):
-            ips, phases[precision] = plain_loop(args, ds, precision)
+        precisions = args.precisions.split(",")
+        plain = plain_loops(args, ds, precisions)
+        for precision in precisions:
+            ips, phases[precision] = plain[precision]
             rows.append(("plain PyTorch (1 process)", precision, ips))
             print(f"  plain {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+        for precision in [] if args.plain_only else precisions:
             for workers in (1, 2):
                 ips, world = ray_loop(args, root, workers, precision)
                 assert world == workers
