@@ -14,17 +14,19 @@ Same model, same data (the first ``--images`` crops of the synthetic SVHN train 
 
 Usage::
 
-    python benchmarks/train_throughput.py              # ~3 minutes on 2 cores
+    python benchmarks/train_throughput.py              # ~4 minutes on 2 cores
+    python benchmarks/train_throughput.py --plain-only # ~35 s: plain loops and the per-operator table
     python benchmarks/train_throughput.py --images 1024 --arch sll-l2 --width 2
 
 The measured window matters: with 384 images x 2 epochs, a bf16 Ray epoch lasts ~2 s and catches the
 cluster's start-up work (controller, idle workers importing torch), which read as a 25-35% "Ray
 overhead" that a longer window (768 x 3, the default) shows is not there in steady state.
-The plain loop's per-phase table shows what bounds the bf16/fp32 ratio: the MultiBox loss and the
-optimizer (fp32 in both) do not speed up; inside forward and backward, oneDNN's AMX convolutions
-run 2.6x faster in bf16 for this model (3-4x on the 74x74 and 37x37 maps, ~1x or slower for the
-weight gradients of the 18x18 maps; ``ONEDNN_VERBOSE=1`` shows each primitive's time), BatchNorm,
-ReLU and max-pool 1.2-2.4x.
+The per-phase and per-operator tables show what bounds the bf16/fp32 ratio: the MultiBox loss and
+the optimizer (fp32 in both) do not speed up; inside forward and backward, oneDNN's AMX
+convolutions run ~2.6x faster in bf16 for this model (forward and input gradients 3-4x, weight
+gradients 1.7-2.4x; ``ONEDNN_VERBOSE=1`` prints each primitive's time), BatchNorm, ReLU and
+max-pool 0.9-1.8x. The last lines say how fast the non-convolution rest would have to get for the
+step to reach ``--target``.
 
 Ray workers normally run at nice 15; here the local cluster runs them at nice 0
 (``RAY_worker_niceness=0``) so that on a busy machine they compete on equal terms with the plain loop.
@@ -63,6 +65,60 @@ def dataset(args):
 
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
+MF = torch.channels_last
+
+
+def build_runs(args, precisions: list[str]) -> dict[str, tuple]:
+    """One ``(model, loss, optimizer)`` per precision, same initial weights, the Ray loop's optimizer."""
+    from lipdet.loss import MultiBoxLoss
+    from lipdet.models import build_model
+    from lipdet.train.loop import LoopConfig, make_optimizer
+
+    runs = {}
+    for precision in precisions:
+        torch.manual_seed(0)
+        model = build_model(args.arch, width=args.width).to(memory_format=MF).train()
+        runs[precision] = (model, MultiBoxLoss(model.priors, 74), make_optimizer(LoopConfig(arch=args.arch, lr=1e-3), model))
+    return runs
+
+
+def train_once(run: tuple, precision: str, x: torch.Tensor, targets: list) -> list[float]:
+    """One plain training step; returns ``perf_counter`` marks at its start and after forward,
+    loss, backward and optimizer."""
+    model, loss_fn, opt = run
+    marks = [time.perf_counter()]
+    x = x.contiguous(memory_format=MF)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loc, logits = model(x)
+    marks.append(time.perf_counter())
+    loss = loss_fn(loc, logits, targets)["loss"]
+    marks.append(time.perf_counter())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    marks.append(time.perf_counter())
+    opt.step()
+    marks.append(time.perf_counter())
+    return marks
+
+
+def side_by_side(args, ds, precisions: list[str], steps: int):
+    """Yield ``(step, precision, x, targets, data_s)`` for ``steps`` batches, each batch once per
+    precision in alternating order; ``data_s`` is the batch's loading time (every precision pays it)."""
+    from lipdet.data.dataset import detection_collate
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=detection_collate, num_workers=0)
+    done = 0
+    while True:
+        t_data = time.perf_counter()
+        for x, targets in loader:
+            data_s = time.perf_counter() - t_data
+            for precision in precisions if done % 2 == 0 else precisions[::-1]:
+                yield done, precision, x, targets, data_s
+            done += 1
+            if done >= steps:
+                return
+            t_data = time.perf_counter()
 
 
 def plain_loops(args, ds, precisions: list[str]) -> dict[str, tuple[float, dict[str, float]]]:
@@ -74,56 +130,40 @@ def plain_loops(args, ds, precisions: list[str]) -> dict[str, tuple[float, dict[
     slow spell of the machine costs every precision alike. On this shared 2-core machine
     back-to-back runs of the same loop differ by up to 1.5x; interleaved, the ratio is stable.
     """
-    from lipdet.data.dataset import detection_collate
-    from lipdet.loss import MultiBoxLoss
-    from lipdet.models import build_model
-    from lipdet.train.loop import LoopConfig, make_optimizer
-
-    torch.set_num_threads(cores())
-    mf = torch.channels_last
-    runs = {}
-    for precision in precisions:
-        torch.manual_seed(0)
-        model = build_model(args.arch, width=args.width).to(memory_format=mf).train()
-        runs[precision] = (model, MultiBoxLoss(model.priors, 74), make_optimizer(LoopConfig(arch=args.arch, lr=1e-3), model))
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=detection_collate, num_workers=0)
+    runs = build_runs(args, precisions)
     spent = {p: dict.fromkeys(PHASES, 0.0) for p in precisions}
-    done = images = 0
-
-    def step(precision: str, x: torch.Tensor, targets: list, data_s: float) -> None:
-        model, loss_fn, opt = runs[precision]
-        marks = [time.perf_counter() - data_s, time.perf_counter()]
-        x = x.contiguous(memory_format=mf)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loc, logits = model(x)
-        marks.append(time.perf_counter())
-        loss = loss_fn(loc, logits, targets)["loss"]
-        marks.append(time.perf_counter())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        marks.append(time.perf_counter())
-        opt.step()
-        marks.append(time.perf_counter())
-        if done >= args.warmup:
-            for phase, a, b in zip(PHASES, marks, marks[1:]):
+    images = dict.fromkeys(precisions, 0)
+    for step, precision, x, targets, data_s in side_by_side(args, ds, precisions, args.warmup + args.steps):
+        marks = train_once(runs[precision], precision, x, targets)
+        if step >= args.warmup:
+            spent[precision]["data"] += data_s
+            for phase, a, b in zip(PHASES[1:], marks, marks[1:]):
                 spent[precision][phase] += b - a
+            images[precision] += x.shape[0]
+    return {p: (images[p] / sum(spent[p].values()), {k: 1000 * v / args.steps for k, v in spent[p].items()})
+            for p in precisions}
 
-    while True:
-        t_data = time.perf_counter()
-        for x, targets in loader:
-            data_s = time.perf_counter() - t_data  # every precision pays the batch's loading
-            order = precisions if done % 2 == 0 else precisions[::-1]
-            for precision in order:
-                step(precision, x, targets, data_s)
-            if done >= args.warmup:
-                images += x.shape[0]
-            done += 1
-            if done >= args.warmup + args.steps:
-                steps = done - args.warmup
-                return {p: (images / sum(spent[p].values()), {k: 1000 * v / steps for k, v in spent[p].items()})
-                        for p in precisions}
-            t_data = time.perf_counter()
+
+OP_KINDS = (("convolution", ("convolution",)), ("batch norm", ("batch_norm",)),
+            ("relu", ("relu", "threshold", "clamp_min")), ("max-pool", ("pool",)))
+
+
+def op_breakdown(args, ds, precisions: list[str], steps: int) -> dict[str, dict[str, float]]:
+    """Milliseconds per step by kind of operator (:data:`OP_KINDS`, the rest is "loss, optimizer,
+    other"), from ``torch.profiler``'s self CPU time over ``steps`` side-by-side steps (after two
+    warm-up steps): the convolutions are what AMX speeds up, the rest bounds the bf16/fp32 ratio."""
+    runs = build_runs(args, precisions)
+    ms = {p: {} for p in precisions}
+    for step, precision, x, targets, _ in side_by_side(args, ds, precisions, 2 + steps):
+        if step < 2:
+            train_once(runs[precision], precision, x, targets)
+            continue
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            train_once(runs[precision], precision, x, targets)
+        for event in prof.key_averages():
+            kind = next((k for k, keys in OP_KINDS if any(key in event.key for key in keys)), "loss, optimizer, other")
+            ms[precision][kind] = ms[precision].get(kind, 0.0) + event.self_cpu_time_total / 1000 / steps
+    return ms
 
 
 def ray_loop(args, root: Path, workers: int, precision: str) -> tuple[float, int]:
@@ -154,6 +194,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="plain-loop warm-up steps")
     ap.add_argument("--steps", type=int, default=0, help="plain-loop timed steps per precision (default: two epochs)")
     ap.add_argument("--plain-only", action="store_true", help="skip the Ray Train runs")
+    ap.add_argument("--breakdown-steps", type=int, default=6,
+                    help="profiled side-by-side steps for the per-operator table (0: skip it)")
+    ap.add_argument("--target", type=float, default=2.5, help="bf16/fp32 ratio the per-operator table is read against")
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
     if args.steps <= 0:
@@ -171,8 +214,9 @@ def main() -> None:
     rows: list[tuple[str, str, float]] = []
     phases: dict[str, dict[str, float]] = {}
     t_start = time.perf_counter()
+    torch.set_num_threads(c)
+    precisions = args.precisions.split(",")
     try:
-        precisions = args.precisions.split(",")
         plain = plain_loops(args, ds, precisions)
         for precision in precisions:
             ips, phases[precision] = plain[precision]
@@ -186,6 +230,7 @@ def main() -> None:
                 print(f"  ray x{workers} {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
+    by_op = op_breakdown(args, ds, precisions, args.breakdown_steps) if args.breakdown_steps > 0 else {}
 
     base = {p: ips for name, p, ips in rows if name.startswith("plain")}
     fp32 = {name: ips for name, p, ips in rows if p == "fp32"}
@@ -208,6 +253,35 @@ def main() -> None:
             if precision != "fp32":
                 print(f"speed-up {precision} vs fp32 per phase: " + ", ".join(
                     f"{p} {phases['fp32'][p] / max(ms[p], 1e-9):.2f}x" for p in PHASES))
+    if by_op:
+        print_breakdown(by_op, args.breakdown_steps, args.target)
+
+
+def print_breakdown(by_op: dict[str, dict[str, float]], steps: int, target: float) -> None:
+    """The per-operator table and what it implies for a bf16/fp32 ``target``: the convolutions'
+    own ratio caps the step's, and the rest must speed up by at least the printed factor."""
+    kinds = [k for k, _ in OP_KINDS] + ["loss, optimizer, other"]
+    cols = list(by_op)
+    print(f"\nPlain loop, ms per step by operator (torch.profiler self CPU time, {steps} side-by-side steps):")
+    print("| operators | " + " | ".join(cols) + " |" + (" bf16 speed-up |" if "fp32" in cols and "bf16" in cols else ""))
+    print("|---|" + "---:|" * (len(cols) + ("fp32" in cols and "bf16" in cols)))
+    for kind in kinds + ["total"]:
+        vals = {p: (sum(by_op[p].values()) if kind == "total" else by_op[p].get(kind, 0.0)) for p in cols}
+        extra = f" {vals['fp32'] / max(vals['bf16'], 1e-9):.2f}x |" if "fp32" in vals and "bf16" in vals else ""
+        print(f"| {kind} | " + " | ".join(f"{vals[p]:.1f}" for p in cols) + " |" + extra)
+    if "fp32" not in by_op or "bf16" not in by_op:
+        return
+    conv32, conv16 = by_op["fp32"].get("convolution", 0.0), by_op["bf16"].get("convolution", 0.0)
+    rest32 = sum(by_op["fp32"].values()) - conv32
+    rest16 = sum(by_op["bf16"].values()) - conv16
+    allowed = (conv32 + rest32) / target - conv16  # bf16 time the rest may take for a `target` step
+    print(f"convolutions alone: {conv32 / max(conv16, 1e-9):.2f}x; the rest: {rest32 / max(rest16, 1e-9):.2f}x "
+          f"({rest16:.0f} of {conv16 + rest16:.0f} ms in bf16)")
+    if allowed <= 0:
+        print(f"a {target:.2f}x step is out of reach even if the rest took no time in bf16")
+    else:
+        print(f"a {target:.2f}x step needs the rest to run {rest32 / allowed:.2f}x faster in bf16 than in fp32 "
+              f"(<= {allowed:.0f} ms)")
 
 
 if __name__ == "__main__":
