@@ -16,6 +16,7 @@ Usage::
 
     python benchmarks/train_throughput.py              # ~4 minutes on 2 cores
     python benchmarks/train_throughput.py --plain-only # ~35 s: plain loops and the per-operator table
+    python benchmarks/train_throughput.py --rounds 3   # medians: Ray and plain runs vary by run
     python benchmarks/train_throughput.py --images 1024 --arch sll-l2 --width 2
 
 The measured window matters: with 384 images x 2 epochs, a bf16 Ray epoch lasts ~2 s and catches the
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -194,11 +196,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="plain-loop warm-up steps")
     ap.add_argument("--steps", type=int, default=0, help="plain-loop timed steps per precision (default: two epochs)")
     ap.add_argument("--plain-only", action="store_true", help="skip the Ray Train runs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every measurement; the table shows medians (Ray runs cannot be interleaved)")
     ap.add_argument("--breakdown-steps", type=int, default=6,
                     help="profiled side-by-side steps for the per-operator table (0: skip it)")
     ap.add_argument("--target", type=float, default=2.5, help="bf16/fp32 ratio the per-operator table is read against")
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.steps <= 0:
         args.steps = max(1, 2 * args.images // args.batch_size)
 
@@ -211,36 +217,44 @@ def main() -> None:
           f"{c} cores, torch {torch.__version__}, ray {ray.__version__}", file=sys.stderr)
     if not args.plain_only:
         ray.init(num_cpus=c, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    rows: list[tuple[str, str, float]] = []
-    phases: dict[str, dict[str, float]] = {}
+    samples: dict[tuple[str, str], list[float]] = {}  # (setup, precision) -> images/s of each round
+    phase_runs: dict[str, list[dict[str, float]]] = {}
     t_start = time.perf_counter()
     torch.set_num_threads(c)
     precisions = args.precisions.split(",")
     try:
-        plain = plain_loops(args, ds, precisions)
-        for precision in precisions:
-            ips, phases[precision] = plain[precision]
-            rows.append(("plain PyTorch (1 process)", precision, ips))
-            print(f"  plain {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
-        for precision in [] if args.plain_only else precisions:
-            for workers in (1, 2):
-                ips, world = ray_loop(args, root, workers, precision)
-                assert world == workers
-                rows.append((f"Ray Train, {workers} worker{'s' if workers > 1 else ''}", precision, ips))
-                print(f"  ray x{workers} {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+        for r in range(args.rounds):
+            plain = plain_loops(args, ds, precisions)
+            for precision in precisions:
+                ips, ms = plain[precision]
+                samples.setdefault(("plain PyTorch (1 process)", precision), []).append(ips)
+                phase_runs.setdefault(precision, []).append(ms)
+                print(f"  [{r + 1}/{args.rounds}] plain {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+            for precision in [] if args.plain_only else precisions:
+                for workers in (1, 2):
+                    ips, world = ray_loop(args, root, workers, precision)
+                    assert world == workers
+                    setup = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}"
+                    samples.setdefault((setup, precision), []).append(ips)
+                    print(f"  [{r + 1}/{args.rounds}] ray x{workers} {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
+    rows = [(setup, p, statistics.median(v), v) for (setup, p), v in samples.items()]
+    phases = {p: {k: statistics.fmean(ms[k] for ms in runs) for k in PHASES} for p, runs in phase_runs.items()}
     by_op = op_breakdown(args, ds, precisions, args.breakdown_steps) if args.breakdown_steps > 0 else {}
 
-    base = {p: ips for name, p, ips in rows if name.startswith("plain")}
-    fp32 = {name: ips for name, p, ips in rows if p == "fp32"}
+    base = {p: ips for name, p, ips, _ in rows if name.startswith("plain")}
+    fp32 = {name: ips for name, p, ips, _ in rows if p == "fp32"}
     print()
+    if args.rounds > 1:
+        print(f"Median of {args.rounds} rounds (min-max in brackets):")
     print("| setup | precision | images/s | vs plain (same precision) | vs fp32 (same setup) |")
     print("|---|---|---:|---:|---:|")
-    for name, p, ips in rows:
+    for name, p, ips, runs in rows:
         vs_plain = ips / base[p] if base.get(p) else float("nan")
         vs_fp32 = ips / fp32[name] if fp32.get(name) else float("nan")
-        print(f"| {name} | {p} | {ips:.1f} | {vs_plain:.2f}x | {vs_fp32:.2f}x |")
+        spread = f" [{min(runs):.1f}-{max(runs):.1f}]" if len(runs) > 1 else ""
+        print(f"| {name} | {p} | {ips:.1f}{spread} | {vs_plain:.2f}x | {vs_fp32:.2f}x |")
     print(f"\n({time.perf_counter() - t_start:.0f} s; {c} cores; threads: plain {c}, Ray {c}//workers per worker)")
     # Where a plain step's time goes: the phases that do not speed up with bf16 cap the ratio.
     print("\nPlain loop, ms per step:")
