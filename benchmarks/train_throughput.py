@@ -210,6 +210,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.target <= 0:
+        ap.error("--target must be > 0")
     if args.steps <= 0:
         args.steps = max(1, 2 * args.images // args.batch_size)
 

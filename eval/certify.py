@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from lipdet.boxes import VARIANCES, decode
+from lipdet.boxes import VARIANCES, decode, map_index
 
 SQRT2 = math.sqrt(2.0)
 
@@ -82,7 +82,7 @@ class AnchorBounds:
             raise ValueError(f"{num_priors} priors do not tile feature maps {[s['feature_size'] for s in per_scale]}")
         anchors = num_priors // cells
         counts = [anchors * int(s["feature_size"]) ** 2 for s in per_scale]
-        idx = torch.repeat_interleave(torch.arange(len(per_scale)), torch.tensor(counts))
+        idx = map_index(counts)
         lc = torch.tensor([float(s["cls"]) for s in per_scale], dtype=torch.float64)[idx]
         ll = torch.tensor([float(s["loc"]) for s in per_scale], dtype=torch.float64)[idx]
         clean = [{"feature_size": int(s["feature_size"]), "cls": float(s["cls"]), "loc": float(s["loc"])} for s in per_scale]

@@ -48,6 +48,10 @@ class PriorSpec:
     def num_priors(self) -> int:
         return sum(self.priors_per_map)
 
+    def map_index(self) -> Tensor:
+        """``(P,)`` long: the feature map (0 = largest) each prior belongs to."""
+        return map_index(self.priors_per_map)
+
     def to_dict(self) -> dict[str, list[float]]:
         return {k: list(v) for k, v in asdict(self).items()}
 
@@ -71,6 +75,11 @@ def feature_sizes_for(input_size: int) -> tuple[int, ...]:
         s = s // 2
         sizes.append(s)
     return tuple(sizes)
+
+
+def map_index(priors_per_map: Sequence[int]) -> Tensor:
+    """``(P,)`` long: for per-map prior counts in prior order, the map index of each prior."""
+    return torch.repeat_interleave(torch.arange(len(priors_per_map)), torch.tensor(list(priors_per_map), dtype=torch.long))
 
 
 def make_priors(spec: PriorSpec) -> Tensor:

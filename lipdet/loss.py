@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from lipdet.boxes import cxcywh_to_xyxy, encode
 
@@ -23,11 +24,11 @@ def pad_targets(targets: Sequence[dict[str, Tensor]], input_size: int, device: t
     n, k = len(targets), max(int(counts.max()) if len(targets) else 0, 1)
     boxes = torch.zeros(n, k, 4, device=device)
     labels = torch.zeros(n, k, dtype=torch.long, device=device)
-    valid = torch.arange(k) < counts[:, None]  # (N, K)
+    valid = (torch.arange(k) < counts[:, None]).to(device)  # (N, K)
     if int(counts.sum()):
         boxes[valid] = torch.cat([t["boxes"].reshape(-1, 4) for t in targets]).to(device, torch.float32) / input_size
         labels[valid] = torch.cat([t["labels"].reshape(-1) for t in targets]).to(device, torch.long)
-    return boxes, labels, valid.to(device)
+    return boxes, labels, valid
 
 
 def match_targets(
@@ -53,15 +54,7 @@ def match_targets(
     """
     boxes, labels, valid = pad_targets(targets, input_size, priors.device)
     n, k, p = boxes.shape[0], boxes.shape[1], priors.shape[0]
-    p_xyxy = cxcywh_to_xyxy(priors)
-    g = boxes.unbind(-1)  # x1, y1, x2, y2: (N, K) each
-    q = p_xyxy.unbind(-1)  # (P,) each; (N, K, P) below, priors innermost
-    iw = (torch.minimum(g[2][..., None], q[2]) - torch.maximum(g[0][..., None], q[0])).clamp_min(0)
-    ih = (torch.minimum(g[3][..., None], q[3]) - torch.maximum(g[1][..., None], q[1])).clamp_min(0)
-    inter = iw * ih  # (N, K, P)
-    area_gt = (boxes[..., 2:] - boxes[..., :2]).prod(-1)  # (N, K)
-    area_p = (p_xyxy[:, 2:] - p_xyxy[:, :2]).prod(-1)  # (P,)
-    iou = inter / (area_gt[:, :, None] + area_p - inter)
+    iou = box_iou(boxes.view(-1, 4), cxcywh_to_xyxy(priors)).view(n, k, p)
     iou = iou.masked_fill(~valid[:, :, None], -1.0)  # padding never wins
     best_gt_iou, best_gt = iou.max(dim=1)  # (N, P): per prior
     best_prior = iou.argmax(dim=2)  # (N, K): per ground truth

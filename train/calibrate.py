@@ -71,8 +71,7 @@ def fit_class_temperatures(
         return {"skipped": "no learnt class temperature", "before": [], "after": []}
     z, cls_t = pre_temperature_logits(model, dataset, limit)
     pos = cls_t > 0
-    counts = model.prior_spec.priors_per_map
-    scale_of_prior = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    scale_of_prior = model.prior_spec.map_index()
     learnt = {t for t, _ in heads}
     mask = torch.tensor([t in learnt for t in model.taps])
     tau0 = torch.tensor([float(model.cls_heads[t].temperature()) for t in model.taps])

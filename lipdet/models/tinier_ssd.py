@@ -26,7 +26,8 @@ section 2) and its prior layout: four heads on the outputs of ``fire8, fire9, fi
 
 Models take images ``(N, 3, S, S)`` in ``[0, 1]``, subtract 0.5 inside (no division: 1-Lipschitz),
 and return ``(loc (N, P, 4), logits (N, P, num_classes))`` in prior order. They carry ``.config``
-(:class:`ModelConfig`), ``.prior_spec`` and a non-persistent buffer ``.priors`` ``(P, 4)``.
+(:class:`ModelConfig`), ``.prior_spec`` and non-persistent buffers ``.priors`` ``(P, 4)`` and
+``.prior_maps`` ``(P,)`` (each prior's feature map).
 
 Architecture extras (``config.options``) of the SLL archs:
 
@@ -332,6 +333,7 @@ class TinierSSD(nn.Module):
         self.loc_heads = nn.ModuleDict(list(zip(self.taps, loc_heads)))
         self.cls_heads = nn.ModuleDict(list(zip(self.taps, cls_heads)))
         self.register_buffer("priors", make_priors(self.prior_spec), persistent=False)
+        self.register_buffer("prior_maps", self.prior_spec.map_index(), persistent=False)  # (P,)
 
     @property
     def num_priors(self) -> int:
@@ -350,8 +352,7 @@ class TinierSSD(nn.Module):
             tau = head.temperature_tensor() if hasattr(head, "temperature_tensor") else None
             taus.append(tau.detach().reshape(()).float() if tau is not None else torch.ones((), device=dev))
         # on the device, without a host sync: this runs every training step under --margin-eps
-        counts = torch.tensor(self.prior_spec.priors_per_map, device=dev)
-        return torch.repeat_interleave(torch.stack(taus).to(dev), counts, output_size=self.num_priors)
+        return torch.stack(taus).to(dev)[self.prior_maps]
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Tap outputs ``[(N, C_i, s_i, s_i)]`` for ``images (N, 3, S, S)`` in ``[0, 1]``."""
