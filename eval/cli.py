@@ -49,7 +49,8 @@ def command(
     eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", help="Comma-separated radii for the mAP-vs-eps curve, e.g. 0,0.25,0.5,1."),
     certify: bool = typer.Option(False, "--certify", help="Certified object share at --eps from the artifact's Lipschitz bounds."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results as one JSON object."),
-    save_detections: Optional[Path] = typer.Option(None, "--save-detections", help="Clean detections, COCO results format, original-image pixels."),
+    save_detections: Optional[Path] = typer.Option(None, "--save-detections", help="Clean detections, COCO results format, original-image pixels; the matching COCO ground truth "
+        "(image ids, file names) goes beside it as NAME.gt.json, so pycocotools scores the pair as it is."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write an offline HTML report (index.html + PNGs) into this folder."),
     workers: int = typer.Option(1, "--workers", help="Shard over N Ray workers (same numbers as 1)."),
     seed: int = typer.Option(0, "--seed", help="Attack seed (per image index: reproducible for any --workers)."),
@@ -79,7 +80,7 @@ def command(
 
       lipdet eval foreign.onnx --input-size 74 --data svhn/
     """
-    from lipdet.eval.evaluate import EvalSettings, evaluate, seed_row
+    from lipdet.eval.evaluate import EvalSettings, evaluate, ground_truth_path, seed_row
     from lipdet.io import write_text_atomic
 
     settings = EvalSettings(
@@ -95,14 +96,18 @@ def command(
     result = evaluate(model, data=data, settings=settings, progress=progress)
 
     if json_out is not None:
-        write_text_atomic(json_out, json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        named = result.with_paths_relative_to(Path(json_out).parent)
+        write_text_atomic(json_out, json.dumps(named.to_dict(), indent=2, sort_keys=True) + "\n")
     if save_detections is not None:
+        gt_path = ground_truth_path(save_detections)
+        write_text_atomic(gt_path, json.dumps(result.coco_ground_truth()) + "\n")
         write_text_atomic(save_detections, json.dumps(result.coco_detections()) + "\n")
+        typer.echo(f"detections: {save_detections} (COCO results; ground truth with file names: {gt_path})", err=True)
     if report is not None:
         from lipdet.eval.report import ensure_lipschitz, write_report
 
         ensure_lipschitz(result, model)
-        index = write_report(result, report)
+        index = write_report(result.with_paths_relative_to(Path(report)), report)
         typer.echo(f"report: {index}", err=True)
 
     s = result.summary

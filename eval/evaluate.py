@@ -23,6 +23,8 @@ Public API::
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data, resolve_training_data
 from lipdet.errors import LipdetError
+from lipdet.io import portable_path
 from lipdet.eval.attacks import ATTACK_LOSSES, AttackLoss, image_seed, pgd_l2, square_l2
 from lipdet.eval.certify import CERTIFIED_DEFINITION, AnchorBounds, certified_share, certify_image
 from lipdet.metrics import DetectionMAP
@@ -320,7 +323,8 @@ class Evaluator:
     """
 
     def __init__(
-        self, model: Any, data_root: Path, settings: EvalSettings, backend: Any = None, bounds: dict[str, Any] | None = None
+        self, model: Any, data_root: Path, settings: EvalSettings, backend: Any = None,
+        bounds: dict[str, Any] | None = None, twin: torch.nn.Module | None = None,
     ) -> None:
         self.settings = settings.validate()
         self.model_ref = model
@@ -330,7 +334,9 @@ class Evaluator:
         self.pp = postprocess_config(self.backend, settings)
         self.dataset = open_dataset(Path(data_root), settings.split, self.input_size)
         self.device = _resolve_device(settings.device)
-        self.twin = load_eval_twin(model, self.backend, settings) if settings.needs_twin else None
+        if twin is None and settings.needs_twin:
+            twin = load_eval_twin(model, self.backend, settings)
+        self.twin = twin
         self.precision = str(getattr(self.backend, "precision", "fp32") or "fp32")
         self.gate_tol: float | None = None  # tolerance of the clean twin check before attacking (reported)
         self.loss = AttackLoss(settings.attack_loss, self.priors, self.input_size)
@@ -527,6 +533,21 @@ class EvalResult:
         """The ``--json`` object (plain JSON types; mAP values in [0, 1], torchmetrics key names)."""
         return _jsonable(self.summary)
 
+    def with_paths_relative_to(self, base: str | Path) -> "EvalResult":
+        """This result with the model and data paths named as a file written into ``base`` should
+        name them (:func:`lipdet.io.portable_path`): no absolute paths of this machine."""
+        s = copy.deepcopy(self.summary)
+        if isinstance(s.get("model"), str):
+            s["model"] = portable_path(s["model"], base)
+        if isinstance((s.get("backend") or {}).get("path"), str):
+            s["backend"]["path"] = portable_path(s["backend"]["path"], base)
+        data = s.get("data") or {}
+        if isinstance(data.get("root"), str):
+            root = data["root"]
+            data["root"] = portable_path(root, base)
+            data["source"] = str(data.get("source", "")).replace(root, data["root"])
+        return dataclasses.replace(self, summary=s)
+
     @property
     def clean_map50(self) -> float:
         return float(self.summary["clean"]["map_50"])
@@ -555,7 +576,12 @@ class EvalResult:
         return out
 
     def coco_ground_truth(self) -> dict[str, Any]:
-        """The evaluated images' ground truth as a COCO dataset dict (original-image pixels)."""
+        """The evaluated images' ground truth as a COCO dataset dict (original-image pixels).
+
+        ``images[i]["id"]`` is the same ``image_id`` as in :meth:`coco_detections` and
+        ``file_name`` the image's file in its split folder, so ``COCO(gt).loadRes(dets)`` scores
+        the pair as written by ``--save-detections``.
+        """
         size = int(self.summary["backend"]["input_size"])
         images, anns = [], []
         for r in self.records:
@@ -569,6 +595,12 @@ class EvalResult:
                 })
         cats = [{"id": d, "name": str(d)} for d in range(10)]
         return {"images": images, "annotations": anns, "categories": cats}
+
+
+def ground_truth_path(detections: str | Path) -> Path:
+    """Where ``--save-detections dets.json`` puts its COCO ground truth: ``dets.gt.json`` beside it."""
+    p = Path(detections)
+    return p.with_name(f"{p.stem}.gt{p.suffix or '.json'}")
 
 
 def to_original(boxes: Tensor, crop: Sequence[float], input_size: int) -> Tensor:
@@ -730,9 +762,12 @@ def evaluate(
     """
     settings = (settings or EvalSettings()).validate()
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    # Everything that can refuse the request is loaded before the data, which may be generated.
     backend = load_eval_backend(model, settings)
+    _resolve_device(settings.device)
+    twin = load_eval_twin(model, backend, settings) if settings.needs_twin else None
     root, note = resolve_eval_data(data, backend)
-    ev = Evaluator(model, root, settings, backend=backend)
+    ev = Evaluator(model, root, settings, backend=backend, twin=twin)
     say(f"lipdet eval: {getattr(backend, 'name', 'backend')} on {note} ({root}, split {settings.split}, {len(ev)} images)")
     batches = ev.batches()
     if not batches:

@@ -10,6 +10,8 @@ import sys
 from typing import Optional
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer 0.29 vendors click
+from typer.exceptions import TyperException
 
 import lipdet
 from lipdet.errors import LipdetError
@@ -64,9 +66,23 @@ _register()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors (typer's and lipdet's) are one ``error:`` line, exit 2."""
     try:
-        app(args=argv, prog_name="lipdet", standalone_mode=True)
+        rc = app(args=argv, prog_name="lipdet", standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except typer.Exit as e:  # --help, --version
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except TyperException as e:  # typer's usage errors: bad option value, missing argument, unknown command
+        if isinstance(e, NoArgsIsHelpError):  # a bare group: show its help, as typer does
+            typer.echo(e.ctx.get_help() if e.ctx is not None else e.format_message(), err=True)
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except LipdetError as e:
         typer.echo(f"error: {e.message}", err=True)
         sys.exit(e.exit_code)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import typer
 
 from lipdet.errors import LipdetError
-from lipdet.io import write_text_atomic
+from lipdet.io import portable_path, write_text_atomic
 from lipdet.models.config import ARCHS
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -131,7 +131,7 @@ def run_experiment(
                 "lipschitz_loc": bounds.get("loc"),
                 "lipschitz_cls": bounds.get("cls"),
                 "latency_ms": _latency_ms(artifact),
-                "artifact": str(artifact),
+                "artifact": portable_path(artifact, out),
             })
     write_text_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")
     write_text_atomic(out / "results.md", to_markdown(rows) + "\n")
@@ -195,6 +195,16 @@ def command(
         raise LipdetError(f"unknown --precision {','.join(badp) or precision!r}; choose from: {', '.join(PRECISIONS)}")
     if data is not None and not data.is_dir():
         raise LipdetError(f"data folder not found: {data}")
+    if data is not None:
+        from lipdet.data.dataset import resolve_data
+
+        resolve_data(data)  # an SVHN format-1 folder, or a one-line refusal before anything trains
+    if out.exists() and not out.is_dir():
+        raise LipdetError(f"--out {out} exists and is not a folder")
+    if trt:
+        from lipdet.export.tensorrt import require_trt
+
+        require_trt()  # before the first run trains, not after
     rows = run_experiment(arch_list, out, data, workers, epochs, precs, trt, width, limit, steps)
     typer.echo(to_markdown(rows))
     typer.echo(f"\ntable: {out / 'results.md'}  json: {out / 'results.json'}")

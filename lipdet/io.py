@@ -65,8 +65,32 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+CACHE_ENV = "LIPDET_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache folder's path (``$LIPDET_CACHE`` or ``~/.cache/lipdet``), without creating it."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lipdet")
+
+
+def portable_path(path: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+    """``path`` as a result file should name it: no absolute path of the machine that wrote it.
+
+    Relative to ``base`` (the folder the result file is written into, or a folder above it)
+    when ``path`` lies under ``base``'s parent; ``$LIPDET_CACHE/...`` when it lies in lipdet's
+    cache (the built-in synthetic SVHN); else as given.
+    """
+    p = Path(os.path.abspath(path))
+    base = Path(os.path.abspath(base))
+    for anchor, label in ((base, None), (base.parent, None), (Path(os.path.abspath(cache_root())), "$" + CACHE_ENV)):
+        if p == anchor or anchor in p.parents:
+            rel = os.path.relpath(p, base) if label is None else str(Path(label) / p.relative_to(anchor))
+            return rel.replace(os.sep, "/")
+    return str(path)
+
+
 def cache_dir() -> Path:
     """lipdet's cache folder: ``$LIPDET_CACHE`` or ``~/.cache/lipdet`` (created on demand)."""
-    root = Path(os.environ.get("LIPDET_CACHE") or Path.home() / ".cache" / "lipdet")
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -4,6 +4,8 @@
 every test that runs Ray Train workers (train and eval stages) requests it instead of calling
 ``ray.init`` itself. Starting a cluster costs seconds; worker groups come and go inside it.
 
+``_private_lipdet_folders`` (automatic) gives the session an empty lipdet cache and runs folder.
+
 ``tiny_svhn`` is a few dozen synthetic SVHN images in format 1 (``train/`` + ``test/``), made once
 per session.
 """
@@ -16,6 +18,27 @@ from pathlib import Path
 import pytest
 
 RAY_NUM_CPUS = 2
+USER_PATH_ENV = ("LIPDET_CACHE", "LIPDET_RUNS")
+"""Every folder lipdet writes to by default (data cache, TensorRT timing cache, runs), by variable."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_lipdet_folders(tmp_path_factory):
+    """Point lipdet's cache and runs folders at this session's temporary folders, empty at start.
+
+    The suite never reads or writes the user's ``~/.cache/lipdet`` or ``./runs``, and a step that
+    only works with leftovers from an earlier run fails here as it would on a fresh machine. Set
+    before any other fixture, so Ray workers started by the session inherit it too.
+    """
+    saved = {k: os.environ.get(k) for k in USER_PATH_ENV}
+    for key in USER_PATH_ENV:
+        os.environ[key] = str(tmp_path_factory.mktemp(key.lower().replace("_", "-")))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

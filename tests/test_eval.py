@@ -205,6 +205,21 @@ def test_cli_json_report_and_detections(env, tmp_path):
     assert isinstance(saved, list)
     for d in saved:
         assert set(d) == {"image_id", "category_id", "bbox", "score"} and 0 <= d["category_id"] <= 9
+    # The ground truth written beside the detections names the images and scores with them as it is.
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_file = tmp_path / "dets.gt.json"
+    gt_json = json.loads(gt_file.read_text())
+    assert len(gt_json["images"]) == 6 and all((env["data"] / "test" / im["file_name"]).is_file()
+                                               for im in gt_json["images"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+        coco_eval = COCOeval(gt, gt.loadRes(str(dets)), "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    assert coco_eval.stats[1] == pytest.approx(res["clean"]["map_50"], abs=1e-6)
 
     page = (report / "index.html").read_text()
     assert "clean mAP50" in page and "adversarial mAP50" in page

@@ -76,6 +76,10 @@ def show_command(
     from lipdet.data.show import draw_grid
 
     root = resolve_data(data)
+    if not (root / split / "digitStruct.mat").is_file():
+        raise LipdetError(f"{root} has no {split}/digitStruct.mat (--split {split})")
+    if not out.parent.is_dir():
+        raise LipdetError(f"--out: folder {out.parent} does not exist")
     dataset = SVHNDetection(root, split=split, input_size=input_size, seed=seed)
     path = draw_grid(dataset, n, out=out, seed=seed)
     typer.echo(f"{path}: {min(n, len(dataset))} samples of {root / split}")
