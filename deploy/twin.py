@@ -6,7 +6,10 @@ ones in the deployed file, not the checkpoint's:
 
 * ``.onnx``: ``build_folded(card["model"])`` loaded from the ONNX values named like the folded
   ``state_dict`` keys -- fp32 initialisers as they are, fp16 ones cast to float32, int8 ones
-  dequantised exactly as the runtime does (``scale * (q - zero_point)``, per channel).
+  dequantised exactly as the runtime does (``scale * (q - zero_point)``, per channel). A bias the
+  graph does not hold is zero: ``torch.onnx.export(optimize=True)`` removes an all-zero bias input
+  (the convolution then has none), and that is the only weight it may drop; the twin-vs-engine gate
+  (:func:`check_twin`) confirms the result on real inputs before anything is attacked.
 * ``.plan``: the source ONNX named in the sidecar (refused if its sha256 changed).
 * ``.pt``: ``fold_model`` of the checkpoint's model.
 
@@ -87,6 +90,8 @@ def twin_from_proto(model: Any, card: dict[str, Any], source: str = "ONNX model"
     missing = []
     for key, ref in twin.state_dict().items():
         arr = consts.get(key)
+        if arr is None and key.endswith(".bias"):
+            arr = np.zeros(tuple(ref.shape), np.float32)  # the exporter's optimiser drops all-zero biases
         if arr is None:
             missing.append(key)
             continue
