@@ -387,7 +387,7 @@ def command(
         show_default=False),
     calib_n: int = typer.Option(256, "--calib-n", min=1, help="Training images used to calibrate int8."),
     target: Optional[str] = typer.Option(
-        None, "--target", help="Runtime the int8 graph is for: ort (uint8 asymmetric activations, fast on CPU) or "
+        None, "--target", help="Runtime the int8 graph is for: ort (uint8 activations and weights, accurate on every CPU) or "
         "trt (int8 symmetric, what TensorRT needs). Default: trt with --trt, else ort.", show_default=False),
     val_n: int = typer.Option(VAL_N_DEFAULT, "--val-n", min=0, help="Validation (test split) images for the clean "
                               "map_50 check of each precision; 0 = the whole split."),

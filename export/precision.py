@@ -7,11 +7,12 @@ the precision an engine runs in is decided here, in the graph it is built from:
   ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``: the graph still
   takes and returns float32, with ``Cast`` nodes at its edges.
 * ``int8``: :func:`quantize_int8` runs ``onnxruntime.quantization.quantize_static`` (QDQ format,
-  per-channel symmetric int8 weights, MinMax calibration on training images). Two flavours,
+  per-channel symmetric 8-bit weights, MinMax calibration on training images). Two flavours,
   because the best graph for ONNX Runtime on a CPU is not one TensorRT accepts:
 
-  - ``u8s8-asymmetric`` (``--target ort``): uint8 asymmetric activations, int8 weights. ORT's
-    CPU kernels (VNNI/AMX u8s8 GEMM) run it 2-2.5x faster than fp32.
+  - ``u8u8-asymmetric`` (``--target ort``): uint8 asymmetric activations, uint8 weights
+    (symmetric, zero point 128, per channel): accurate on CPUs with and without VNNI
+    (:data:`INT8_FLAVOURS` says why not u8s8).
   - ``s8s8-symmetric`` (``--target trt``): int8 activations with zero point 0, as TensorRT
     requires. On a CPU, ORT runs it barely faster than fp32.
 
@@ -39,8 +40,17 @@ from lipdet.export.onnx_export import INPUT_NAME, check_graph, ort_session
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 TARGETS: tuple[str, ...] = ("ort", "trt")
-INT8_FLAVOURS: dict[str, str] = {"ort": "u8s8-asymmetric", "trt": "s8s8-symmetric"}
-"""``--target`` -> int8 flavour recorded in the model card as ``int8_flavour``."""
+INT8_FLAVOURS: dict[str, str] = {"ort": "u8u8-asymmetric", "trt": "s8s8-symmetric"}
+"""``--target`` -> int8 flavour recorded in the model card as ``int8_flavour``.
+
+``ort`` was ``u8s8-asymmetric`` (uint8 activations, int8 weights) in earlier lipdet versions;
+such files still load and run. u8s8 is not portable: on x86 CPUs without VNNI, ONNX Runtime's
+u8s8 kernels multiply with ``vpmaddubsw``, whose int16 pair sums saturate (ONNX Runtime's
+quantisation guide names u8u8 or ``reduce_range`` as the fixes). Measured on a 2-core AVX2 EPYC:
+the demo model's u8s8 graph failed parity (rel 0.56, cosine 0.986) and the tiny test model lost
+5.8 map_50 points. ``reduce_range`` (7-bit weights) cost 1.1 points on the test model even with
+VNNI; u8u8 keeps 8-bit weights and has no saturating path, so it is the flavour for every CPU."""
+LEGACY_ORT_FLAVOUR = "u8s8-asymmetric"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +144,9 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
                     calibration_reader(calib_images),
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
-                    reduce_range=False,
+                    reduce_range=False,  # full 8-bit weights: u8u8 does not saturate (see INT8_FLAVOURS)
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={
                         "ActivationSymmetric": symmetric,
@@ -209,16 +219,21 @@ def _zero_point_is_zero(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
 
 
 def int8_flavour(model: onnx.ModelProto) -> str | None:
-    """``"u8s8-asymmetric"`` / ``"s8s8-symmetric"`` read back from a QDQ graph, None if not int8."""
+    """The int8 flavour of a QDQ graph, read from its zero points; None if it is not int8.
+
+    ``"u8u8-asymmetric"`` (uint8 weights), ``"u8s8-asymmetric"`` (uint8 activations, int8
+    weights: files from before the redesign) or ``"s8s8-symmetric"``.
+    """
     consts = {i.name: i for i in model.graph.initializer}
-    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    q_nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if not q_nodes:
         return None
-    for n in q_nodes:
-        if len(n.input) > 2 and n.input[2] in consts:
-            if consts[n.input[2]].data_type == onnx.TensorProto.UINT8:
-                return INT8_FLAVOURS["ort"]
-    return INT8_FLAVOURS["trt"]
+    kinds = {consts[n.input[0]].data_type for n in q_nodes if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+    activation_u8 = any(len(n.input) > 2 and n.input[2] in consts and consts[n.input[2]].data_type == onnx.TensorProto.UINT8
+                        for n in q_nodes if n.op_type == "QuantizeLinear")
+    if onnx.TensorProto.UINT8 in kinds:
+        return INT8_FLAVOURS["ort"]
+    return LEGACY_ORT_FLAVOUR if activation_u8 else INT8_FLAVOURS["trt"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -220,8 +220,11 @@ def test_int8_graph_runs_and_is_close_to_fp32(fp32_model, data_root, real_images
     if target == "trt":  # TensorRT needs symmetric int8 Q/DQ
         assert all(z.dtype in (np.int8, np.int32) and not z.any() for z in zps)  # int32: biases
         assert any(z.dtype == np.int8 for z in zps)
-    else:  # uint8 activations for ONNX Runtime's u8s8 kernels
+    else:  # uint8 activations for ONNX Runtime
         assert any(z.dtype == np.uint8 for z in zps)
+    # Weights: uint8 for ONNX Runtime (u8u8: no vpmaddubsw saturation on CPUs without VNNI), int8 for TensorRT.
+    kinds = {i.data_type for i in q.graph.initializer if len(i.dims) == 4}
+    assert kinds == ({onnx.TensorProto.UINT8} if target == "ort" else {onnx.TensorProto.INT8})
     got = run_session(ort_session(q), real_images)
     ref = run_session(ort_session(fp32_model), real_images)
     stats = compare(got, ref)
@@ -279,7 +282,7 @@ def test_cli_latest_run_int8_writes_beside_it(tmp_path, data_root, monkeypatch, 
     assert "parity: ONNX Runtime fp32 vs folded torch" in out and "parity: int8 vs fp32" in out
     assert "validation map_50" in out and "-> int8" in out
     card = get_card(onnx_path)
-    assert card["precision"] == "int8" and card["int8_flavour"] == "u8s8-asymmetric"
+    assert card["precision"] == "int8" and card["int8_flavour"] == "u8u8-asymmetric"
     v = card["validation"]
     assert v["int8"] is not None and v["map_50_change"] == pytest.approx(v["int8"]["map_50"] - v["fp32"]["map_50"])
     assert v["parity_vs_fp32"]["cosine"] > 0.99
@@ -411,3 +414,25 @@ def test_load_onnx_errors(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
     with pytest.raises(LipdetError, match="not a readable ONNX"):
         load_onnx(bad)
+
+
+def test_a_model_with_zero_biases_exports_and_evaluates(tmp_path, data_root):
+    """The exporter drops all-zero bias initialisers; the twin must still rebuild, attack and certify."""
+    from lipdet.eval.evaluate import EvalSettings, evaluate
+
+    torch.manual_seed(0)
+    model = build_model(ARCH, width=WIDTH, input_size=SIZE).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, SIZE, SIZE))
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    ckpt = save_checkpoint(tmp_path / "model.pt", model, meta={"data": {"root": str(data_root), "synthetic": True}})
+    res = export_model(ckpt, out=tmp_path / "model.onnx", precision="fp32", val_n=8, echo=lambda *a: None)
+    folded_keys = set(fold_model(load_model(ckpt)).state_dict())
+    graph_names = {i.name for i in load_onnx(res.onnx).graph.initializer}
+    assert any(k.endswith(".bias") for k in folded_keys - graph_names)  # the case under test: biases were dropped
+    settings = EvalSettings(pgd=True, steps=2, certify=True, limit=4, batch_size=4)
+    result = evaluate(res.onnx, data=data_root, settings=settings)
+    assert result.summary["pgd"]["max_twin_engine_diff"] < 1e-3
+    assert result.summary["certify"]["objects"] > 0
