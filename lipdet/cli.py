@@ -51,7 +51,7 @@ def _register() -> None:
     from lipdet.eval.cli import command as eval_command
     from lipdet.experiment import command as experiment_command
     from lipdet.export.cli import command as export_command
-    from lipdet.models.cli import lipschitz_command
+    from lipdet.lipschitz_command import lipschitz_command
     from lipdet.train.cli import command as train_command
 
     app.command("train")(train_command)

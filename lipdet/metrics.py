@@ -7,11 +7,19 @@ Boxes are xyxy in the same pixel frame for predictions and targets. Headline is 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lipdet.postprocess import PostprocessConfig, postprocess
+
+Runner = Callable[[Tensor], "tuple[Any, Any]"]
+"""A model as the metrics see it: ``run(images (N, 3, S, S) in [0, 1]) -> (loc (N, P, 4), logits (N, P, C))``
+(tensors or arrays; any backend, any device)."""
+Batches = Iterable["tuple[Tensor, Sequence[dict[str, Tensor]]]"]
+"""``(images (N, 3, S, S), targets)`` pairs, targets per image ``{"boxes" (K, 4) xyxy pixels, "labels" (K,)}``."""
 
 # pycocotools' own float64 thresholds. torchmetrics' defaults are float32 linspace values
 # (0.55000001...), whose recall lookups land on neighbouring points and move AP by ~1e-3 against
@@ -74,3 +82,39 @@ def _clean(v: Tensor) -> float:
     """torchmetrics reports -1 when there is nothing to score; report 0 instead."""
     x = float(v)
     return 0.0 if x < 0 else x
+
+
+def detections_of(
+    run: Runner, batches: Batches, priors: Tensor, input_size: int, config: PostprocessConfig = PostprocessConfig()
+) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """``(detections, target)`` per image of ``batches``, post-processed the one shared way (CPU tensors)."""
+    priors = priors.detach().float().cpu()
+    with torch.no_grad():
+        for images, targets in batches:
+            loc, logits = run(images)
+            dets = postprocess(torch.as_tensor(loc).float().cpu(), torch.as_tensor(logits).float().cpu(),
+                               priors, input_size, config)
+            for d, t in zip(dets, targets):
+                yield d, {"boxes": t["boxes"].cpu(), "labels": t["labels"].cpu()}
+
+
+def map_of(
+    run: Runner,
+    batches: Batches,
+    priors: Tensor,
+    input_size: int,
+    config: PostprocessConfig = PostprocessConfig(),
+    class_metrics: bool = False,
+) -> dict[str, Any]:
+    """Clean mAP of a runner over ``batches``: ``{"map_50", "map", "map_75"}`` in [0, 1] (+ per class)."""
+    metric = DetectionMAP(class_metrics=class_metrics)
+    pairs = list(detections_of(run, batches, priors, input_size, config))
+    if pairs:
+        metric.update([d for d, _ in pairs], [t for _, t in pairs])
+    return metric.compute()
+
+
+def batched(images: Tensor, targets: Sequence[dict[str, Tensor]], size: int = 64) -> Iterator[tuple[Tensor, Sequence[dict[str, Tensor]]]]:
+    """``images`` (N, 3, S, S) and their ``targets`` in consecutive batches of ``size``."""
+    for i in range(0, len(images), size):
+        yield images[i : i + size], targets[i : i + size]

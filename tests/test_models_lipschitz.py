@@ -232,7 +232,7 @@ def test_cli_writes_table_png_and_json(tmp_path):
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from lipdet.models.cli import lipschitz_command
+    from lipdet.lipschitz_command import lipschitz_command
 
     artifacts = pytest.importorskip("lipdet.artifacts")
     model = build_model("sll-l2", width=0.125, input_size=34).eval()

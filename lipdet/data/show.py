@@ -72,8 +72,8 @@ def draw_detections(
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=1)
         text = str(int(labs[k])) if scs is None else f"{int(labs[k])} {scs[k]:.2f}"
         tx, ty = x1 + 1, max(0.0, y1 - getattr(font, "size", 11) - 1)
-        l, t, r, bt = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle([l - 1, t - 1, r, bt], fill=(0, 0, 0))
+        left, t, r, bt = draw.textbbox((tx, ty), text, font=font)
+        draw.rectangle([left - 1, t - 1, r, bt], fill=(0, 0, 0))
         draw.text((tx, ty), text, fill=color, font=font)
     return pil
 
