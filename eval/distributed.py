@@ -11,7 +11,7 @@ Why the numbers do not depend on the worker count:
   sorts them by index and computes mAP once (:func:`lipdet.eval.evaluate.summarise`).
 
 Each worker is a Ray actor that loads the backend, the twin and the dataset once, then processes
-batches handed out dynamically (a free worker takes the next batch). A worker asks for one CPU (or
+batches handed out dynamically by a ``ray.util.ActorPool`` (a free worker takes the next batch). A worker asks for one CPU (or
 the cluster's share if it has fewer CPUs than workers) and, when the evaluation runs on CUDA, one
 GPU (or its share). An existing Ray connection is reused; otherwise a local cluster is started for
 the call and shut down afterwards.
@@ -19,10 +19,10 @@ the call and shut down afterwards.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lipdet.cluster import ray_session, user_error
 from lipdet.errors import LipdetError
 
 
@@ -41,25 +41,6 @@ class _ShardWorker:
 
     def run(self, batch_id: int, indices: list[int]) -> tuple[int, list[Any]]:
         return batch_id, self.ev.run_batch(indices)
-
-
-def _unwrap(err: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task/actor error, if there is one."""
-    # Ray re-raises a task's exception as a RayTaskError subclass of the original class whose
-    # message is the remote traceback; the original exception is its ``cause``.
-    cur: BaseException | None = err
-    for _ in range(8):
-        if cur is None:
-            break
-        cause = getattr(cur, "cause", None)
-        if isinstance(cause, BaseException) and cause is not cur:
-            cur = cause
-            continue
-        if isinstance(cur, LipdetError):
-            return LipdetError(cur.message.strip().splitlines()[0] if cur.message.strip() else "worker failed",
-                               cur.exit_code)
-        cur = cur.__cause__
-    return err
 
 
 def run_sharded(
@@ -84,20 +65,12 @@ def run_sharded(
     Returns:
         All image records, sorted by dataset index.
     """
-    import ray
+    import ray  # lazy: Ray is heavy and only sharded evaluation needs it
     import torch
+    from ray.util import ActorPool
 
     workers = max(1, min(int(settings.workers), len(batches)))
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(workers, os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="ERROR",
-        )
-        started = True
-    try:
+    with ray_session(num_cpus=workers):
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1.0))
         use_gpu = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
@@ -110,44 +83,23 @@ def run_sharded(
         actor_cls = ray.remote(_ShardWorker).options(**options)
         model_arg = str(model) if isinstance(model, (str, Path)) else model
         actors = [actor_cls.remote(model_arg, str(data_root), settings, bounds) for _ in range(workers)]
+        results: dict[int, list[Any]] = {}
         try:
-            ray.get([a.ready.remote() for a in actors])
-        except Exception as e:  # construction failed in a worker: surface the user's error
-            err = _unwrap(e)
+            ray.get([a.ready.remote() for a in actors])  # construction errors surface here
+            jobs = list(enumerate([list(b) for b in batches]))
+            # a free worker takes the next batch; results come back in completion order
+            for bid, records in ActorPool(actors).map_unordered(lambda a, job: a.run.remote(*job), jobs):
+                results[bid] = records
+                if on_batch is not None:
+                    on_batch(batches[bid])
+        except Exception as e:  # a worker's LipdetError is the user's error, as one line
+            err = user_error(e)
             if isinstance(err, LipdetError):
                 raise err from None
             raise
-
-        queue = list(enumerate([list(b) for b in batches]))
-        queue.reverse()
-        pending: dict[Any, Any] = {}
-        results: dict[int, list[Any]] = {}
-        for a in actors:
-            if queue:
-                bid, idx = queue.pop()
-                pending[a.run.remote(bid, idx)] = a
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            actor = pending.pop(ref)
-            try:
-                bid, records = ray.get(ref)
-            except Exception as e:
-                err = _unwrap(e)
-                if isinstance(err, LipdetError):
-                    raise err from None
-                raise
-            results[bid] = records
-            if on_batch is not None:
-                on_batch(batches[bid])
-            if queue:
-                nb, idx = queue.pop()
-                pending[actor.run.remote(nb, idx)] = actor
-        for a in actors:
-            ray.kill(a)
-    finally:
-        if started:
-            ray.shutdown()
+        finally:
+            for a in actors:
+                ray.kill(a)
     out = [r for bid in sorted(results) for r in results[bid]]
     out.sort(key=lambda r: r.index)
     return out
