@@ -28,6 +28,7 @@ import torch
 import typer
 
 from lipdet.errors import LipdetError
+from lipdet.metrics import batched, map_of
 
 VAL_N_DEFAULT = 1000
 PARITY_N = 64
@@ -80,18 +81,10 @@ def _has_split(root: Path, split: str) -> bool:
 # evaluation helpers
 
 
-def _map_of(run, images: torch.Tensor, targets: list[dict[str, Any]], priors: torch.Tensor, input_size: int,
-            batch: int = 64) -> dict[str, float]:
-    """Clean mAP of a ``run(images) -> (loc, logits)`` callable on ``images``."""
-    from lipdet.metrics import DetectionMAP
-    from lipdet.postprocess import postprocess
-
-    metric = DetectionMAP()
-    for i in range(0, len(images), batch):
-        loc, logits = run(images[i : i + batch])
-        preds = postprocess(torch.as_tensor(loc), torch.as_tensor(logits), priors, input_size)
-        metric.update(preds, targets[i : i + batch])
-    r = metric.compute()
+def _map_of(run, images: torch.Tensor, targets: list[dict[str, Any]], priors: torch.Tensor,
+            input_size: int) -> dict[str, float]:
+    """Clean ``map_50`` and ``map`` of a ``run(images) -> (loc, logits)`` callable (:func:`lipdet.metrics.map_of`)."""
+    r = map_of(run, batched(images, targets), priors, input_size)
     return {"map_50": float(r["map_50"]), "map": float(r["map"])}
 
 
