@@ -33,6 +33,10 @@ from lipdet.models.config import CLASS_NAMES, ModelConfig
 CHECKPOINT_FORMAT = "lipdet-checkpoint"
 CARD_KEY = "lipdet"
 CARD_FORMAT = "lipdet-model-card"
+CARD_VERSIONS = (1,)
+"""Model card versions this lipdet reads (the one it writes is the last)."""
+CHECKPOINT_VERSIONS = (1,)
+"""Checkpoint versions this lipdet reads (the one it writes is the last)."""
 
 
 @dataclass
@@ -49,7 +53,7 @@ def checkpoint_dict(model: nn.Module, meta: dict[str, Any] | None = None) -> dic
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "version": CHECKPOINT_VERSIONS[-1],
         "lipdet_version": lipdet.__version__,
         "config": model.config.to_dict(),
         "state_dict": state,
@@ -83,6 +87,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise LipdetError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise LipdetError(f"{path}: not a lipdet checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    _check_version(obj.get("version"), CHECKPOINT_VERSIONS, "checkpoint", str(path), obj.get("lipdet_version"))
     try:
         cfg = ModelConfig.from_dict(obj["config"])
         state = obj["state_dict"]
@@ -115,7 +120,7 @@ def make_card(model: nn.Module, **fields: Any) -> dict[str, Any]:
     cfg: ModelConfig = model.config
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
-        "version": 1,
+        "version": CARD_VERSIONS[-1],
         "lipdet_version": lipdet.__version__,
         "model": cfg.to_dict(),
         "input": {
@@ -144,4 +149,13 @@ def card_from_json(text: str, source: str = "model") -> dict[str, Any]:
         raise LipdetError(f"{source}: lipdet model card is not valid JSON") from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise LipdetError(f"{source}: metadata is not a lipdet model card")
+    _check_version(card.get("version"), CARD_VERSIONS, "model card", source, card.get("lipdet_version"))
     return card
+
+
+def _check_version(version: Any, known: tuple[int, ...], what: str, source: str, writer: Any) -> None:
+    """One-line refusal of an artifact version this lipdet cannot read."""
+    if version not in known:
+        by = f" (written by lipdet {writer})" if writer else ""
+        raise LipdetError(f"{source}: {what} version {version!r}{by} is not one this lipdet {lipdet.__version__} "
+                          f"reads ({', '.join(map(str, known))}); upgrade lipdet or re-export the model")
