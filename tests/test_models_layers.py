@@ -15,7 +15,6 @@ from lipdet.models.layers import (
     MaxPool,
     NormConv2d,
     NormPool,
-    Unshuffle,
     SLLConv2d,
     conv_operator_norm,
 )
@@ -161,32 +160,6 @@ def test_norm_pool_bound_holds_and_keeps_the_window_norm(k, s, expected):
         assert torch.isfinite(g.grad).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert pool(torch.randn(1, 2, 8, 8)).dtype == torch.float32
-
-
-@pytest.mark.parametrize("hw", [8, 9])
-def test_unshuffle_is_1_lipschitz_and_an_isometry_on_even_sides(hw):
-    layer = Unshuffle()
-    assert layer.lipschitz_bound() == 1.0
-    x = torch.randn(2, 3, hw, hw)
-    y = layer(x)
-    assert y.shape == (2, 12, hw // 2, hw // 2)
-    even = x[..., : hw // 2 * 2, : hw // 2 * 2]
-    torch.testing.assert_close(y.norm(), even.norm())  # every kept pixel, once
-    e = hw // 2 * 2
-    torch.testing.assert_close(y[:, 4 * 1 + 2 * 1 + 0], x[:, 1, 1:e:2, 0:e:2])  # channel 1, pixel (1, 0)
-    assert _holds(1.0, empirical_lipschitz(layer, x[:1], seed=0))
-
-
-def test_haar_init_starts_as_an_average_pool():
-    from lipdet.models.tinier_ssd import haar_init_
-
-    w = haar_init_(torch.empty(6, 16, 1, 1))  # 4 input channels -> LL of all 4, then LH of 2
-    rows = w.view(6, 16)
-    torch.testing.assert_close(rows @ rows.T, torch.eye(6))
-    x = torch.randn(1, 4, 6, 6)
-    y = torch.nn.functional.conv2d(Unshuffle()(x), w)
-    torch.testing.assert_close(y[:, :4], 2 * torch.nn.functional.avg_pool2d(x, 2))
-    assert float(torch.linalg.matrix_norm(rows, 2)) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("cin,cout", [(3, 8), (8, 3), (4, 4)])

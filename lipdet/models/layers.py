@@ -350,29 +350,6 @@ class NormPool(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-class Unshuffle(nn.Module):
-    """Invertible 2x downsampling (space-to-depth): ``(N, C, H, W) -> (N, 4C, H // 2, W // 2)``.
-
-    An odd side first loses its last row / column (a projection), then every 2x2 window becomes 4
-    channels (a permutation of the kept pixels): 1-Lipschitz, and on even sides an isometry, so
-    unlike any pooling nothing image-dependent is lost (a max-pool keeps one value of four, an
-    L2-norm pool only the window's energy). Output channel ``4c + 2i + j`` is pixel ``(i, j)`` of
-    input channel ``c``'s windows (``torch.pixel_unshuffle``). Folded: the same module.
-    """
-
-    kind = "unshuffle"
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        return F.pixel_unshuffle(x[..., :h, :w], 2)
-
-    def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        return 1.0
-
-    def fold(self) -> "Unshuffle":
-        return Unshuffle()
-
-
 def pool_lipschitz(kernel_size: int, stride: int) -> float:
     """L2 Lipschitz bound of a square max-pool: ``ceil(k/s)`` (see :class:`MaxPool`)."""
     m = math.ceil(kernel_size / stride)

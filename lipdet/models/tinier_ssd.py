@@ -67,7 +67,6 @@ from lipdet.models.layers import (
     MaxPool,
     NormConv2d,
     NormPool,
-    Unshuffle,
     SLLConv2d,
 )
 
@@ -85,9 +84,8 @@ ARCH_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """Allowed ``config.options`` keys per architecture, with defaults."""
 
-POOLS: tuple[str, ...] = ("max", "l2", "unshuffle")
-"""Downsampling of the ``sll-*`` trunks: 2x2/2 max-pool, L2-norm pool (:class:`NormPool`) or
-space-to-depth (:class:`Unshuffle`, 4x the channels)."""
+POOLS: tuple[str, ...] = ("max", "l2")
+"""Downsampling of the ``sll-*`` trunks: 2x2/2 max-pool or L2-norm pool (:class:`NormPool`)."""
 
 SHRINKS: tuple[str, ...] = ("truncate", "conv")
 """Channel reduction of the ``sll-*`` trunks: keep the first channels, or a learnt 1x1 spectral conv."""
@@ -199,12 +197,8 @@ def plan_network(cfg: ModelConfig) -> tuple[list[LayerPlan], list[LayerPlan], li
             k, st = (3, 2) if (pool == "MP3" and naive) else (2, 2)
             ceil_mode = naive and pool == "MP3"
             pool_mode = "max" if naive else str(opts["pool"])
-            if pool_mode == "unshuffle":
-                trunk.append(LayerPlan(f"pool_{name}", "pool", c, 4 * c, hw, 2, 2, mode=pool_mode))
-                hw, c = (hw[0] // 2, hw[1] // 2), 4 * c
-            else:
-                trunk.append(LayerPlan(f"pool_{name}", "pool", c, c, hw, k, st, ceil_mode=ceil_mode, mode=pool_mode))
-                hw = _pool_out(hw, k, st, ceil_mode)
+            trunk.append(LayerPlan(f"pool_{name}", "pool", c, c, hw, k, st, ceil_mode=ceil_mode, mode=pool_mode))
+            hw = _pool_out(hw, k, st, ceil_mode)
         if min(hw) < 1:
             raise LipdetError(f"input size {s} is too small for Tinier SSD")
         if naive:
@@ -214,10 +208,8 @@ def plan_network(cfg: ModelConfig) -> tuple[list[LayerPlan], list[LayerPlan], li
                                    train_iters=int(opts["spectral_train_iters"])))
         else:
             if cout < c and opts["shrink"] == "conv":
-                after_unshuffle = bool(trunk) and trunk[-1].kind == "pool" and trunk[-1].mode == "unshuffle"
                 trunk.append(LayerPlan(f"proj_{name}", "normconv", c, cout, hw, kernel_size=1, mode="spectral",
-                                       train_iters=int(opts["spectral_train_iters"]),
-                                       init="haar" if after_unshuffle else "truncate"))
+                                       train_iters=int(opts["spectral_train_iters"]), init="truncate"))
             elif cout != c:
                 trunk.append(LayerPlan(f"pad_{name}", "pad", c, cout, hw))
             inner = scaled_channels(cout, float(opts["sll_inner_ratio"]))
@@ -251,33 +243,12 @@ def plan_network(cfg: ModelConfig) -> tuple[list[LayerPlan], list[LayerPlan], li
     return trunk, locs, clss
 
 
-def haar_init_(weight: Tensor) -> Tensor:
-    """Initialise a 1x1 kernel ``(Cout, 4C, 1, 1)`` that follows :class:`Unshuffle` as a Haar transform.
-
-    Output channel ``j`` takes band ``j // C`` (LL, then LH, HL, HH) of input channel ``j % C``'s
-    2x2 windows, coefficients +-1/2: orthonormal rows, so the layer starts as an exact 2x2 average
-    pool (times 2) on the first ``C`` outputs -- the low-pass image the trunk was built around --
-    plus as many detail bands as fit, and has operator norm 1 before any normalisation.
-    """
-    cout, cin4 = weight.shape[:2]
-    c = cin4 // 4
-    bands = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=weight.dtype) / 2
-    with torch.no_grad():
-        weight.zero_()
-        for j in range(min(cout, cin4)):
-            band, ch = divmod(j, c)
-            weight[j, 4 * ch : 4 * ch + 4, 0, 0] = bands[band]
-    return weight
-
-
 def make_layer(plan: LayerPlan, folded: bool) -> nn.Module:
     """Instantiate ``plan`` as a trainable module, or (``folded=True``) as its plain folded form."""
     p = plan
     if p.kind == "pool":
         if p.mode == "l2":
             return NormPool(p.kernel_size, p.stride)
-        if p.mode == "unshuffle":
-            return Unshuffle()
         return MaxPool(p.kernel_size, p.stride, p.ceil_mode)
     if p.kind == "pad":
         return ChannelPad(p.in_channels, p.out_channels)
@@ -292,9 +263,7 @@ def make_layer(plan: LayerPlan, folded: bool) -> nn.Module:
         conv = NormConv2d(p.in_channels, p.out_channels, p.mode, p.input_hw, p.kernel_size,
                           train_iters=p.train_iters, temperature=p.temperature,
                           learn_temperature=p.learn_temperature)
-        if p.init == "haar":
-            haar_init_(conv.weight)
-        elif p.init == "truncate":  # start as ChannelPad (keep the first channels), then learn
+        if p.init == "truncate":  # start as ChannelPad (keep the first channels), then learn
             with torch.no_grad():
                 conv.weight.zero_()
                 conv.weight[:, : p.out_channels, 0, 0] = torch.eye(p.out_channels)
