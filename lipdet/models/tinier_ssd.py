@@ -50,8 +50,9 @@ Architecture extras (``config.options``) of the SLL archs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,20 +76,70 @@ HW = tuple[int, int]
 ARCH_MODES: dict[str, str] = {"sll-spectral": "spectral", "sll-standard": "standard", "sll-l2": "l2"}
 """Entry/exit conv mode of each Lipschitz architecture."""
 
-ARCH_OPTIONS: dict[str, dict[str, Any]] = {
-    "naive": {},
-    **{a: {"sll_inner_ratio": 1.0, "sll_blocks": 1, "spectral_train_iters": 1,
-           "cls_temperature": 30.0, "learn_temperature": True,
-           "loc_scale": 4.0, "learn_loc_scale": True, "pool": "max", "shrink": "truncate"}
-       for a in ARCH_MODES},
-}
-"""Allowed ``config.options`` keys per architecture, with defaults."""
-
 POOLS: tuple[str, ...] = ("max", "l2")
 """Downsampling of the ``sll-*`` trunks: 2x2/2 max-pool or L2-norm pool (:class:`NormPool`)."""
 
 SHRINKS: tuple[str, ...] = ("truncate", "conv")
 """Channel reduction of the ``sll-*`` trunks: keep the first channels, or a learnt 1x1 spectral conv."""
+
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _at_least_one(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _option(default: Any, check: Callable[[Any], bool], need: str, help: str) -> Any:
+    return field(default=default, metadata={"check": check, "need": need, "help": help})
+
+
+@dataclass(frozen=True)
+class SLLOptions:
+    """Model options of the ``sll-*`` architectures (``-O KEY=VALUE``), with their defaults.
+
+    Validation and the ``-O`` help text both come from these fields (:meth:`from_dict`, :meth:`help`).
+    """
+
+    sll_inner_ratio: float = _option(1.0, _positive, "> 0", "SLL block inner width / block width")
+    sll_blocks: int = _option(1, _at_least_one, ">= 1", "SLL blocks per Fire layer")
+    spectral_train_iters: int = _option(1, _at_least_one, ">= 1", "power iterations per training step")
+    cls_temperature: float = _option(30.0, _positive, "> 0", "class head temperature (multiplies its logits)")
+    learn_temperature: bool = _option(True, _flag, "true or false", "learn the class temperatures")
+    loc_scale: float = _option(4.0, _positive, "> 0", "box head scale")
+    learn_loc_scale: bool = _option(True, _flag, "true or false", "learn the box scales")
+    pool: str = _option("max", lambda v: v in POOLS, "one of " + ", ".join(POOLS), "downsampling")
+    shrink: str = _option("truncate", lambda v: v in SHRINKS, "one of " + ", ".join(SHRINKS), "channel reduction")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any], arch: str) -> "SLLOptions":
+        """Defaults completed by ``options``; an unknown key or a bad value is a one-line LipdetError."""
+        names = [f.name for f in fields(cls)]
+        unknown = set(options) - set(names)
+        if unknown:
+            raise LipdetError(f"unknown option(s) for --arch {arch}: {', '.join(sorted(unknown))} "
+                              f"(allowed: {', '.join(sorted(names))})")
+        for f in fields(cls):
+            if f.name in options and not f.metadata["check"](options[f.name]):
+                raise LipdetError(f"{f.name} must be {f.metadata['need']}, got {options[f.name]!r}")
+        return cls(**options)
+
+    @classmethod
+    def help(cls) -> str:
+        """``pool (max|l2, default max): downsampling; ...`` for the CLI's ``-O`` help."""
+        return "; ".join(f"{f.name} ({f.metadata['need']}, default {json.dumps(f.default)}): {f.metadata['help']}"
+                         for f in fields(cls))
+
+
+ARCH_OPTIONS: dict[str, dict[str, Any]] = {"naive": {}, **{a: asdict(SLLOptions()) for a in ARCH_MODES}}
+"""Allowed ``config.options`` keys per architecture, with defaults (naive has none)."""
+
 
 # Tinier SSD layers: (name, reference channels, pool before: None | "MP" | "MP3").
 _LAYERS: tuple[tuple[str, int, Optional[str]], ...] = (
@@ -146,31 +197,12 @@ def scaled_channels(reference: int, width: float) -> int:
 
 
 def resolve_options(cfg: ModelConfig) -> dict[str, Any]:
-    """``cfg.options`` completed with the arch's defaults; unknown keys raise :class:`LipdetError`."""
-    allowed = ARCH_OPTIONS[cfg.arch]
-    unknown = set(cfg.options) - set(allowed)
-    if unknown:
-        hint = ", ".join(sorted(allowed)) or "none"
-        raise LipdetError(f"unknown option(s) for --arch {cfg.arch}: {', '.join(sorted(unknown))} (allowed: {hint})")
-    opts = {**allowed, **cfg.options}
+    """``cfg.options`` completed with the arch's defaults; unknown keys and bad values raise :class:`LipdetError`."""
     if cfg.arch in ARCH_MODES:
-        if not float(opts["sll_inner_ratio"]) > 0:
-            raise LipdetError(f"sll_inner_ratio must be > 0, got {opts['sll_inner_ratio']}")
-        if int(opts["sll_blocks"]) < 1:
-            raise LipdetError(f"sll_blocks must be >= 1, got {opts['sll_blocks']}")
-        if int(opts["spectral_train_iters"]) < 1:
-            raise LipdetError(f"spectral_train_iters must be >= 1, got {opts['spectral_train_iters']}")
-        for key in ("cls_temperature", "loc_scale"):
-            if not float(opts[key]) > 0:
-                raise LipdetError(f"{key} must be > 0, got {opts[key]}")
-        for key in ("learn_temperature", "learn_loc_scale"):
-            if not isinstance(opts[key], bool):
-                raise LipdetError(f"{key} must be true or false, got {opts[key]!r}")
-        if opts["pool"] not in POOLS:
-            raise LipdetError(f"pool must be one of {', '.join(POOLS)}, got {opts['pool']!r}")
-        if opts["shrink"] not in SHRINKS:
-            raise LipdetError(f"shrink must be one of {', '.join(SHRINKS)}, got {opts['shrink']!r}")
-    return opts
+        return asdict(SLLOptions.from_dict(dict(cfg.options), cfg.arch))
+    if cfg.options:
+        raise LipdetError(f"unknown option(s) for --arch {cfg.arch}: {', '.join(sorted(cfg.options))} (allowed: none)")
+    return {}
 
 
 def _pool_out(hw: HW, k: int, s: int, ceil_mode: bool) -> HW:
