@@ -25,7 +25,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -211,7 +213,38 @@ def render_sample(rng: np.random.Generator, fonts: Sequence[str] | None = None) 
     raise RuntimeError("could not render a sample in 20 attempts")  # pragma: no cover
 
 
+@dataclass
+class _Text:
+    """A laid-out number: glyphs on one line (font units from the text origin), rotated by ``angle``."""
+
+    digits: np.ndarray  # (K,) int
+    font: Any
+    stroke: int
+    xs: list  # glyph x offsets
+    digit_h: float  # digit height, px
+    box: tuple[float, float, float, float]  # unrotated text box (x0, y0, w, h), font units
+    angle: float  # degrees
+    extent: tuple[float, float]  # rotated width, height
+
+
 def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.Image, Record] | None:
+    """One sample, or None when the draw does not fit (the caller draws again). Random draws in a fixed order."""
+    text = _layout(rng, fonts)
+    geometry = _canvas_geometry(rng, text)
+    if geometry is None:
+        return None
+    w, h, cx, cy = geometry
+    drawn = _glyph_masks(text, w, h, cx, cy)
+    if drawn is None:
+        return None
+    boxes, alpha = drawn
+    img = _paint(rng, text, w, h, cx, cy, boxes, alpha)
+    out = _camera(rng, img, w, h)
+    return out, Record("", np.array(boxes, np.float32), text.digits.astype(np.int64))
+
+
+def _layout(rng: np.random.Generator, fonts: Sequence[str]) -> _Text:
+    """Digits, font, stroke and tracking, and the glyphs laid out on a line."""
     k = int(rng.choice(5, p=_NDIGITS_P)) + 1
     digits = rng.integers(0, 10, k)
     if k > 1 and digits[0] == 0 and rng.random() < 0.9:
@@ -221,8 +254,6 @@ def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.I
     font = _font(font_path, max(8, round(digit_h / 0.72)))
     stroke = int(rng.integers(0, max(1, int(digit_h / 14)) + 1)) if rng.random() < 0.3 else 0
     tracking = rng.uniform(-0.04, 0.35) * digit_h
-
-    # lay the glyphs out on a line, in font units relative to the text origin
     xs, x = [], 0.0
     boxes_unrot = []
     for d in digits:
@@ -234,9 +265,14 @@ def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.I
     tx0, ty0 = ub[:, 0].min(), ub[:, 1].min()
     tw, th = ub[:, 2].max() - tx0, ub[:, 3].max() - ty0
     angle = float(np.clip(rng.normal(0, 4), -10, 10)) if rng.random() < 0.7 else 0.0
-    rw, rh = _rotated_extent(float(tw), float(th), angle)
+    extent = _rotated_extent(float(tw), float(th), angle)
+    return _Text(digits, font, stroke, xs, digit_h, (tx0, ty0, tw, th), angle, extent)
 
-    # canvas: margins around the (rotated) text, sized like SVHN's street-view crops
+
+def _canvas_geometry(rng: np.random.Generator, text: _Text) -> tuple[int, int, float, float] | None:
+    """Canvas ``(w, h)`` and the text centre on it: margins sized like SVHN's street-view crops."""
+    rw, rh = text.extent
+    digit_h = text.digit_h
     ml, mr = rng.uniform(0.1, 1.6, 2) * digit_h
     mt, mb = rng.uniform(0.1, 0.9, 2) * digit_h
     if rng.random() < 0.8:  # mostly, like SVHN, enough context around the number for a square crop
@@ -253,33 +289,42 @@ def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.I
     ml, mr, mt, mb = ml * scale, mr * scale, mt * scale, mb * scale
     w = math.ceil(rw + ml + mr) + 2
     h = math.ceil(rh + mt + mb) + 2
-    cx, cy = ml + 1 + rw / 2, mt + 1 + rh / 2  # centre of the text block on the canvas
-    ox, oy = cx - (tx0 + tw / 2), cy - (ty0 + th / 2)  # text origin on the canvas
+    return w, h, ml + 1 + rw / 2, mt + 1 + rh / 2
 
-    # one coverage mask per glyph, rotated about the text centre
+
+def _glyph_masks(text: _Text, w: int, h: int, cx: float, cy: float) -> tuple[list, np.ndarray] | None:
+    """Exact ink boxes (xyxy, ``x2`` exclusive) and the text's alpha ``(h, w)`` in [0, 1]; None if a glyph
+    vanished or touches the border."""
+    tx0, ty0, tw, th = text.box
+    ox, oy = cx - (tx0 + tw / 2), cy - (ty0 + th / 2)  # text origin on the canvas
     masks = []
-    for d, gx in zip(digits, xs):
+    for d, gx in zip(text.digits, text.xs):
         m = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(m).text((ox + gx, oy), str(int(d)), font=font, fill=255, stroke_width=stroke, stroke_fill=255)
-        if angle:
-            m = m.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
+        ImageDraw.Draw(m).text((ox + gx, oy), str(int(d)), font=text.font, fill=255, stroke_width=text.stroke,
+                               stroke_fill=255)
+        if text.angle:
+            m = m.rotate(text.angle, resample=Image.BILINEAR, center=(cx, cy))
         masks.append(np.asarray(m))
     boxes = []
     for m in masks:
         ink = m > _INK_THRESHOLD
         cols, rows = np.flatnonzero(ink.any(axis=0)), np.flatnonzero(ink.any(axis=1))
         if len(cols) == 0 or cols[0] == 0 or rows[0] == 0 or cols[-1] == w - 1 or rows[-1] == h - 1:
-            return None  # glyph vanished or touches the border: draw another sample
+            return None
         boxes.append((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1))
-    alpha = np.max(np.stack(masks), axis=0).astype(np.float32) / 255.0
+    return boxes, np.max(np.stack(masks), axis=0).astype(np.float32) / 255.0
 
-    # background, with a plaque behind the number half of the time
+
+def _paint(rng: np.random.Generator, text: _Text, w: int, h: int, cx: float, cy: float, boxes: list,
+           alpha: np.ndarray) -> np.ndarray:
+    """Background, clutter, a plaque half of the time, then the text at a drawn contrast: ``(h, w, 3)`` float."""
+    rw, rh = text.extent
     bg = _background(rng, w, h)
     text_box = (cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2)
     canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     _clutter(rng, canvas, text_box)
     if rng.random() < 0.5:
-        pad = rng.uniform(0.1, 0.5) * digit_h
+        pad = rng.uniform(0.1, 0.5) * text.digit_h
         col = tuple(int(v) for v in _colour(rng))
         ImageDraw.Draw(canvas).rectangle(
             [text_box[0] - pad, text_box[1] - pad, text_box[2] + pad, text_box[3] + pad],
@@ -288,8 +333,6 @@ def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.I
             width=int(rng.integers(1, 4)),
         )
     bg = np.asarray(canvas, np.float32)
-
-    # text colour with a chosen contrast against the background under the text
     bb = np.array(boxes, np.int64)
     x0, y0 = bb[:, :2].min(0)
     x1, y1 = bb[:, 2:].max(0)
@@ -299,13 +342,15 @@ def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.I
     target = _luma(under) + contrast if _luma(under) < 128 else _luma(under) - contrast
     text_col = np.clip(text_col + (np.clip(target, 0, 255) - _luma(text_col)), 0, 255)
     if rng.random() < 0.3:  # drop shadow
-        sx, sy = rng.integers(1, max(2, int(digit_h / 12)) + 1, 2)
+        sx, sy = rng.integers(1, max(2, int(text.digit_h / 12)) + 1, 2)
         shadow = np.zeros_like(alpha)
         shadow[sy:, sx:] = alpha[: h - sy, : w - sx]
         bg = bg * (1 - 0.6 * shadow[..., None])
-    img = bg * (1 - alpha[..., None]) + text_col * alpha[..., None]
+    return bg * (1 - alpha[..., None]) + text_col * alpha[..., None]
 
-    # uneven light, camera blur, resolution loss and sensor noise
+
+def _camera(rng: np.random.Generator, img: np.ndarray, w: int, h: int) -> Image.Image:
+    """Uneven light, resolution loss, blur and sensor noise on an ``(h, w, 3)`` image."""
     if rng.random() < 0.5:
         gx, gy = rng.normal(0, 0.4, 2)
         light = 1 + gx * (np.arange(w, dtype=np.float32)[None, :] / w - 0.5)
@@ -320,8 +365,7 @@ def _try_render(rng: np.random.Generator, fonts: Sequence[str]) -> tuple[Image.I
         out = out.filter(ImageFilter.GaussianBlur(radius))
     sigma = rng.uniform(0, 6)
     arr = np.asarray(out, np.float32) + np.float32(sigma) * rng.standard_normal((h, w, 3), np.float32)
-    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return out, Record("", np.array(boxes, np.float32), digits.astype(np.int64))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
