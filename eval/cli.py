@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,8 @@ from typing import Optional
 import typer
 
 from lipdet.errors import LipdetError
+from lipdet.eval.evaluate import EvalSettings, evaluate
+from lipdet.eval.results import ResultFiles, result_lines
 
 
 def parse_eps_list(text: str) -> tuple[float, ...]:
@@ -80,52 +81,16 @@ def command(
 
       lipdet eval foreign.onnx --input-size 74 --data svhn/
     """
-    from lipdet.eval.evaluate import EvalSettings, evaluate, ground_truth_path, seed_row
-    from lipdet.io import write_text_atomic
-
     settings = EvalSettings(
         split=split, batch_size=batch_size, pgd=pgd, eps=eps, steps=steps, alpha=alpha, restarts=restarts,
         attack_loss=attack_loss, blackbox=blackbox, queries=queries,
         eps_sweep=parse_eps_list(eps_sweep) if eps_sweep else (), certify=certify, seed=seed,
         input_size=input_size, limit=limit, workers=workers, twin_tol=twin_tol, device=device,
     ).validate()
-    for opt, path in (("--json", json_out), ("--save-detections", save_detections)):
-        if path is not None and not Path(path).parent.is_dir():
-            raise LipdetError(f"{opt}: folder {Path(path).parent} does not exist")
-
+    outputs = ResultFiles(json=json_out, detections=save_detections, report=report).check()
     result = evaluate(model, data=data, settings=settings, progress=progress)
-
-    if json_out is not None:
-        named = result.with_paths_relative_to(Path(json_out).parent)
-        write_text_atomic(json_out, json.dumps(named.to_dict(), indent=2, sort_keys=True) + "\n")
-    if save_detections is not None:
-        gt_path = ground_truth_path(save_detections)
-        write_text_atomic(gt_path, json.dumps(result.coco_ground_truth()) + "\n")
-        write_text_atomic(save_detections, json.dumps(result.coco_detections()) + "\n")
-        typer.echo(f"detections: {save_detections} (COCO results; ground truth with file names: {gt_path})", err=True)
-    if report is not None:
-        from lipdet.eval.report import ensure_lipschitz, write_report
-
-        ensure_lipschitz(result, model)
-        index = write_report(result.with_paths_relative_to(Path(report)), report)
-        typer.echo(f"report: {index}", err=True)
-
-    s = result.summary
-    if s.get("pgd"):
-        p = s["pgd"]
-        diff = p["max_twin_engine_diff"]
-        typer.echo(f"pgd: eps {p['eps']:g}, {p['steps']} steps, alpha {p['alpha']:.4g}, {p['restarts']} restart(s), "
-                   f"loss {p['loss']}: max |twin - engine| on adversarial inputs "
-                   f"{'n/a' if diff is None else format(diff, '.3g')}")
-    if s.get("blackbox"):
-        b = s["blackbox"]
-        flag = "  (stronger than PGD: suspect gradient masking / twin divergence)" if b.get("stronger_than_pgd") else ""
-        typer.echo(f"{b['method']}: eps {b['eps']:g}, {b['queries']} queries: adversarial mAP50 {100 * b['map_50']:.2f}{flag}")
-    for p in s.get("sweep") or []:
-        typer.echo(f"sweep: eps {p['eps']:g}: adversarial mAP50 {100 * p['map_50']:.2f}, mAP {100 * p['map']:.2f}")
-    if s.get("certify"):
-        c = s["certify"]
-        typer.echo(f"certify: {c['objects']} objects, detected {100 * c['detected_share']:.2f}%, "
-                   f"certified at eps {c['eps']:g}: {100 * c['certified_share']:.2f}%")
+    for note in outputs.write(result, model):
+        typer.echo(note, err=True)
     sys.stdout.flush()
-    typer.echo(seed_row(s))
+    for line in result_lines(result.summary):
+        typer.echo(line)
