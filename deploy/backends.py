@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lipdet.artifacts import artifact_kind
 from lipdet.boxes import PriorSpec, feature_sizes_for, make_priors
 from lipdet.errors import LipdetError
 
@@ -227,14 +228,10 @@ class TrtBackend(Backend):
 
 def load_backend(path: Path | str, device: str = "auto", input_size: int | None = None) -> Backend:
     """The backend for ``path`` by suffix (``.pt``, ``.onnx``, ``.plan``); one-line LipdetError on problems."""
+    kind = artifact_kind(path)
     path = Path(path)
-    if not path.exists():
-        raise LipdetError(f"model not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".pt":
+    if kind == "checkpoint":
         return TorchBackend(path, device)
-    if suffix == ".onnx":
+    if kind == "onnx":
         return OrtBackend(path, device, input_size)
-    if suffix in (".plan", ".engine"):
-        return TrtBackend(path, device, input_size)
-    raise LipdetError(f"{path}: unknown model type '{suffix}'; expected a .pt checkpoint, an .onnx model or a .plan engine")
+    return TrtBackend(path, device, input_size)

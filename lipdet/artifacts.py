@@ -111,6 +111,22 @@ def load_model(path: str | Path) -> nn.Module:
     return model
 
 
+ARTIFACT_KINDS: dict[str, str] = {".pt": "checkpoint", ".onnx": "onnx", ".plan": "plan", ".engine": "plan"}
+"""File suffix -> artifact kind: the one place lipdet tells artifacts apart by name."""
+
+
+def artifact_kind(path: str | Path) -> str:
+    """``"checkpoint"``, ``"onnx"`` or ``"plan"`` for an existing artifact; a one-line LipdetError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise LipdetError(f"model not found: {path}")
+    kind = ARTIFACT_KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise LipdetError(f"{path}: unknown model type '{path.suffix.lower()}'; expected a .pt checkpoint, "
+                          "an .onnx model or a .plan engine")
+    return kind
+
+
 def make_card(model: nn.Module, **fields: Any) -> dict[str, Any]:
     """The model card of ``model``: its config, input contract, classes and priors, plus ``fields``.
 

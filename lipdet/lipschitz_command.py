@@ -9,19 +9,15 @@ from typing import Any, Optional
 import typer
 from torch import nn
 
-from lipdet.errors import LipdetError
+from lipdet.artifacts import artifact_kind, load_model
+from lipdet.deploy.twin import load_twin
 
 
 def _load(model: Path) -> nn.Module:
-    if not model.exists():
-        raise LipdetError(f"model not found: {model}")
-    if model.suffix.lower() == ".onnx":
-        from lipdet.deploy.twin import load_twin  # lazy: needs onnx, written by the deploy stage
-
-        return load_twin(model)
-    from lipdet.artifacts import load_model
-
-    return load_model(model)
+    """The parametrised model of a checkpoint, or the folded twin of a deployed ``.onnx`` / ``.plan``."""
+    if artifact_kind(model) == "checkpoint":
+        return load_model(model)
+    return load_twin(model)
 
 
 def lipschitz_report(model: nn.Module) -> dict[str, Any]:
