@@ -23,9 +23,9 @@ import torch
 
 from lipdet.artifacts import artifact_kind
 from lipdet.boxes import PriorSpec, feature_sizes_for, make_priors
+from lipdet.device import DEVICES, resolve_device
 from lipdet.errors import LipdetError
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class Backend:
@@ -95,7 +95,7 @@ class TorchBackend(Backend):
         from lipdet.artifacts import load_model, make_card
 
         model = load_model(path)
-        dev = _torch_device(device)
+        dev = resolve_device(device)
         self.model = model.to(dev).eval()
         card = make_card(model, precision="fp32", source={"checkpoint": str(Path(path).resolve())},
                          data=getattr(model, "checkpoint_meta", {}).get("data"))
@@ -106,16 +106,6 @@ class TorchBackend(Backend):
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, logits = self.model(images.to(self.device))
         return loc.float().cpu(), logits.float().cpu()
-
-
-def _torch_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise LipdetError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LipdetError("--device cuda: no CUDA GPU is visible to torch")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------------------------

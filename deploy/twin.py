@@ -27,30 +27,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from lipdet.artifacts import artifact_kind
 from lipdet.errors import LipdetError
-
-TWIN_TOLERANCES: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}
-"""Default twin-vs-runtime tolerance per precision, relative to the runtime outputs' largest magnitude."""
+from lipdet.parity import agreement, twin_tolerance
 
 
 def load_twin(path: Path | str) -> nn.Module:
     """The eval-mode, folded torch twin of a ``.pt``, ``.onnx`` or ``.plan`` artifact."""
+    kind = artifact_kind(path)
     path = Path(path)
-    if not path.exists():
-        raise LipdetError(f"model not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".pt":
+    if kind == "checkpoint":
         return _twin_from_checkpoint(path)
-    if suffix == ".onnx":
+    if kind == "onnx":
         return twin_from_onnx(path)
-    if suffix in (".plan", ".engine"):
-        from lipdet.export.tensorrt import read_sidecar, source_onnx
+    from lipdet.export.tensorrt import read_sidecar, source_onnx
 
-        side = read_sidecar(path)
-        twin = twin_from_onnx(source_onnx(side, path))
-        twin.card = {**twin.card, "tensorrt": {k: side.get(k) for k in ("tensorrt", "gpu", "compute_capability", "precision")}}
-        return twin
-    raise LipdetError(f"{path}: unknown model type '{suffix}'; expected .pt, .onnx or .plan")
+    side = read_sidecar(path)
+    twin = twin_from_onnx(source_onnx(side, path))
+    twin.card = {**twin.card, "tensorrt": {k: side.get(k) for k in ("tensorrt", "gpu", "compute_capability", "precision")}}
+    return twin
 
 
 def _twin_from_checkpoint(path: Path) -> nn.Module:
@@ -117,10 +112,9 @@ def _finish(twin: nn.Module) -> nn.Module:
 
 
 def default_tolerance(precision: str, reference: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Absolute twin tolerance: :data:`TWIN_TOLERANCES` times the largest reference output magnitude."""
-    rel = TWIN_TOLERANCES.get(precision, TWIN_TOLERANCES["fp32"])
-    scale = max(float(t.abs().max()) for t in reference if t.numel())
-    return rel * max(scale, 1.0)
+    """Absolute twin tolerance: the ``("twin", precision)`` entry of :data:`lipdet.parity.TOLERANCES`
+    times the largest reference output magnitude (floored at 1; :func:`lipdet.parity.twin_tolerance`)."""
+    return twin_tolerance(precision, reference)
 
 
 @torch.no_grad()
@@ -128,19 +122,19 @@ def check_twin(twin: nn.Module, backend: Any, images: torch.Tensor, tol: float |
     """Max abs difference between ``twin`` and ``backend`` on ``images``; LipdetError beyond ``tol``.
 
     ``tol`` is absolute; by default it is relative to the backend outputs' magnitude, per
-    precision (:data:`TWIN_TOLERANCES`): a twin of an int8 engine is only close, not equal,
+    precision (:func:`default_tolerance`): a twin of an int8 engine is only close, not equal,
     because the engine also rounds its activations.
     """
     ref = backend(images)
     dev = next(twin.parameters()).device
     out = twin(images.to(dev, torch.float32))
-    diff = max(float((a.float().cpu() - b.float()).abs().max()) for a, b in zip(out, ref))
     if tol is None:
         tol = default_tolerance(getattr(backend, "precision", "fp32"), ref)
-    if not diff <= tol:  # also catches NaN
+    agr = agreement(out, ref, tol)
+    if not agr.ok:  # also catches NaN
         raise LipdetError(
             f"the differentiable twin disagrees with the {getattr(backend, 'name', 'deployed')} model "
-            f"({getattr(backend, 'precision', '?')}): max abs diff {diff:.4g} > tolerance {tol:.4g}; "
+            f"({getattr(backend, 'precision', '?')}): max abs diff {agr.worst:.4g} > tolerance {agr.tol:.4g}; "
             "attacks crafted on it would not transfer faithfully"
         )
-    return diff
+    return agr.worst

@@ -35,11 +35,13 @@ import torch
 from torch import Tensor
 
 from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data, resolve_training_data
+from lipdet.device import resolve_device
 from lipdet.errors import LipdetError
 from lipdet.io import portable_path
 from lipdet.eval.attacks import ATTACK_LOSSES, AttackLoss, image_seed, pgd_l2, square_l2
 from lipdet.eval.certify import CERTIFIED_DEFINITION, AnchorBounds, certified_share, certify_image
 from lipdet.metrics import DetectionMAP
+from lipdet.parity import agreement
 from lipdet.postprocess import PostprocessConfig, postprocess
 
 BLACKBOX_METHODS: tuple[str, ...] = ("square",)
@@ -257,11 +259,8 @@ class TwinBackend:
 
 
 def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LipdetError("--device cuda: no CUDA GPU is visible to torch")
-    return device
+    """:func:`lipdet.device.resolve_device` as the string the evaluator keeps ("cpu" / "cuda")."""
+    return resolve_device(device).type
 
 
 def load_eval_backend(model: Any, settings: EvalSettings) -> Any:
@@ -502,18 +501,20 @@ class Evaluator:
         return records
 
     def _clean_diffs(self, images: Tensor, clean_out: tuple[Tensor, Tensor]) -> Tensor:
+        """Per image max |twin - engine| on the clean batch, ``(N,)``; LipdetError beyond :meth:`twin_tol`.
+
+        The same comparison as ``check_twin`` (:func:`lipdet.parity.agreement`), on outputs already computed.
+        """
         assert self.twin is not None
         with torch.no_grad():
             tw = self.twin(images.to(self.device))
-        diffs = _max_diff(tw, clean_out)
-        worst = float(diffs.max()) if diffs.numel() else 0.0
-        tol = self.twin_tol(clean_out)
-        if not worst <= tol:
+        agr = agreement(tw, clean_out, self.twin_tol(clean_out))
+        if not agr.ok:
             raise LipdetError(
                 f"the differentiable twin disagrees with the {getattr(self.backend, 'name', 'deployed')} model on clean "
-                f"inputs (max abs diff {worst:.4g} > tolerance {tol:.4g}); refusing to attack -- pass --twin-tol to override"
+                f"inputs (max abs diff {agr.worst:.4g} > tolerance {agr.tol:.4g}); refusing to attack -- pass --twin-tol to override"
             )
-        return diffs
+        return agr.per_image
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,13 +36,7 @@ from torch import nn
 from lipdet.artifacts import CARD_KEY, card_from_json, card_to_json
 from lipdet.errors import LipdetError
 from lipdet.io import atomic_path
-
-
-class ParityError(LipdetError):
-    """A verification failed (folding, ONNX Runtime or TensorRT parity): exit code 1, nothing written."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message, exit_code)
+from lipdet.parity import ParityError, compare, format_stats, tolerance  # ParityError, compare: also re-exported
 
 
 INPUT_NAME = "images"
@@ -70,15 +64,6 @@ Anything that could recompute a weight normalisation (``ReduceSum``, ``ReduceL2`
 
 CONSTANT_OPS: frozenset[str] = frozenset({"Constant", "Identity", "Cast", "DequantizeLinear"})
 """Op types allowed to compute from constants alone (weight dequantisation and fp16 casts)."""
-
-TOLERANCES: dict[str, dict[str, float]] = {
-    # max |a - b| / max |b| and minimum cosine, per precision, versus the fp32 reference
-    "fp32": {"rel": 1e-4, "cosine": 0.999999},
-    "fp16": {"rel": 1e-2, "cosine": 0.9999},
-    "int8": {"rel": 0.25, "cosine": 0.98},
-}
-"""Parity tolerances of an exported graph against fp32 (ONNX Runtime vs torch for fp32)."""
-
 
 # ----------------------------------------------------------------------------------------------
 # export
@@ -213,11 +198,6 @@ def check_graph(model: onnx.ModelProto) -> None:
         raise LipdetError(f"exported ONNX graph is not plain inference ops: {problems[0]}{more}")
 
 
-def op_types(model: onnx.ModelProto) -> set[str]:
-    """The set of op types used in the graph."""
-    return {n.op_type for n in model.graph.node}
-
-
 # ----------------------------------------------------------------------------------------------
 # model card
 
@@ -267,44 +247,9 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
 # numerical checks
 
 
-def compare(out: Sequence[torch.Tensor | np.ndarray], ref: Sequence[torch.Tensor | np.ndarray]) -> dict[str, float]:
-    """Agreement of ``(loc, logits)`` pairs: max abs diff, max rel diff (vs max |ref|), min cosine.
-
-    Cosine is computed per output over the whole flattened batch; ``rel`` divides the max abs
-    diff by the largest reference magnitude of the same output.
-    """
-    max_abs, rel, cos = 0.0, 0.0, 1.0
-    for a, b in zip(out, ref):
-        a64, b64 = _flat64(a), _flat64(b)
-        if a64.shape != b64.shape:
-            raise LipdetError(f"output shapes differ: {tuple(a64.shape)} vs {tuple(b64.shape)}")
-        d = float((a64 - b64).abs().max()) if a64.numel() else 0.0
-        scale = float(b64.abs().max()) if b64.numel() else 0.0
-        max_abs = max(max_abs, d)
-        rel = max(rel, d / max(scale, 1e-12))
-        na, nb = float(a64.norm()), float(b64.norm())
-        c = 1.0 if na == 0 and nb == 0 else float(a64 @ b64) / max(na * nb, 1e-300)
-        cos = min(cos, c)
-    return {"max_abs": max_abs, "rel": rel, "cosine": cos}
-
-
-def _flat64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.double().flatten()
-
-
-def within(stats: dict[str, float], precision: str) -> bool:
-    """Whether :func:`compare` stats meet :data:`TOLERANCES` for ``precision``."""
-    tol = TOLERANCES[precision]
-    return stats["rel"] <= tol["rel"] and stats["cosine"] >= tol["cosine"]
-
-
-def format_stats(stats: dict[str, float]) -> str:
-    return f"max abs diff {stats['max_abs']:.3g} (rel {stats['rel']:.3g}), cosine {stats['cosine']:.6f}"
-
-
 @torch.no_grad()
-def check_fold(model: nn.Module, folded: nn.Module, images: torch.Tensor, rtol: float = 1e-5) -> dict[str, float]:
+def check_fold(model: nn.Module, folded: nn.Module, images: torch.Tensor,
+               rtol: float = tolerance("fold", "fp32")["rel"]) -> dict[str, float]:
     """Folded vs parametrised outputs on ``images`` plus as many uniform-random inputs.
 
     Passes when the max abs diff is within ``rtol`` of each output's largest magnitude (a

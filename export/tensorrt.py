@@ -34,13 +34,6 @@ SIDECAR_FORMAT = "lipdet-trt-plan"
 INSTALL_HINT = "pip install 'lipdet[gpu]'"
 DEFAULT_WORKSPACE_MB = 1024
 
-TRT_TOLERANCES: dict[str, dict[str, float]] = {
-    # engine vs ONNX Runtime on the same batch: max |a-b| / max |ref| and minimum cosine
-    "fp32": {"rel": 1e-3, "cosine": 0.99999},
-    "fp16": {"rel": 2e-2, "cosine": 0.999},
-    "int8": {"rel": 0.25, "cosine": 0.98},
-}
-
 SIDECAR_REQUIRED = ("format", "tensorrt", "gpu", "compute_capability", "precision", "profile", "source_onnx")
 
 

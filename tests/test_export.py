@@ -436,3 +436,20 @@ def test_a_model_with_zero_biases_exports_and_evaluates(tmp_path, data_root):
     result = evaluate(res.onnx, data=data_root, settings=settings)
     assert result.summary["pgd"]["max_twin_engine_diff"] < 1e-3
     assert result.summary["certify"]["objects"] > 0
+
+
+def test_parity_table_keeps_every_tolerance():
+    """One table (lipdet.parity) holds the export, TensorRT and twin tolerances, unchanged."""
+    from lipdet.parity import TOLERANCES, within
+
+    assert TOLERANCES[("fold", "fp32")] == {"rel": 1e-5}
+    assert {p: TOLERANCES[("onnx", p)] for p in ("fp32", "fp16", "int8")} == {
+        "fp32": {"rel": 1e-4, "cosine": 0.999999}, "fp16": {"rel": 1e-2, "cosine": 0.9999},
+        "int8": {"rel": 0.25, "cosine": 0.98}}
+    assert {p: TOLERANCES[("tensorrt", p)] for p in ("fp32", "fp16", "int8")} == {
+        "fp32": {"rel": 1e-3, "cosine": 0.99999}, "fp16": {"rel": 2e-2, "cosine": 0.999},
+        "int8": {"rel": 0.25, "cosine": 0.98}}
+    assert {p: TOLERANCES[("twin", p)]["rel"] for p in ("fp32", "fp16", "int8")} == {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}
+    assert within({"rel": 1e-4, "cosine": 0.999999}, "onnx", "fp32")
+    assert not within({"rel": 1e-4, "cosine": 0.99999}, "onnx", "fp32")
+    assert not within({"rel": float("nan"), "cosine": 1.0}, "tensorrt", "int8")
