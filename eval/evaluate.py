@@ -314,6 +314,18 @@ def postprocess_config(backend: Any, settings: EvalSettings) -> PostprocessConfi
     return PostprocessConfig(float(vals["score_threshold"]), float(vals["iou_threshold"]), int(vals["top_k"]))
 
 
+@dataclass
+class _Batch:
+    """One batch of an evaluation: dataset indices, images ``(N, 3, S, S)``, ground truth, clean outputs."""
+
+    indices: list[int]
+    images: Tensor
+    gt: list[dict[str, Tensor]]
+    clean_out: tuple[Tensor, Tensor]
+    tick: Callable[[int], None]
+    clean_diffs: Tensor | None = None  # per image max |twin - engine| on the clean batch, once measured
+
+
 class Evaluator:
     """Holds a backend, the twin (if attacks need it) and the dataset; turns batches into records.
 
@@ -409,66 +421,74 @@ class Evaluator:
 
         ``progress(units)`` is called as work completes (see :meth:`units_per_image`).
         """
-        s = self.settings
         tick = progress or (lambda k: None)
-        n = len(indices)
         images, targets = self.load(indices)
-        gt = [{"boxes": t["boxes"].float(), "labels": t["labels"].long()} for t in targets]
-        clean_out = self.engine(images)
-        clean_dets = self.detect(clean_out)
+        b = _Batch(list(indices), images, [{"boxes": t["boxes"].float(), "labels": t["labels"].long()} for t in targets],
+                   self.engine(images), tick)
+        records = self._clean_records(b, targets)
+        if self.settings.pgd or self.settings.sweep_eps():
+            self._run_pgd(b, records)
+        if self.settings.blackbox == "square":
+            self._run_square(b, records)
+        return records
+
+    def _clean_records(self, b: "_Batch", targets: Sequence[dict[str, Any]]) -> list[ImageRecord]:
+        """Records with the clean detections, loss, twin gap and certificates of batch ``b``."""
+        s = self.settings
+        clean_dets = self.detect(b.clean_out)
         records = [
             ImageRecord(
                 index=int(i),
                 image_id=int(t["image_id"]) if not isinstance(t["image_id"], Tensor) else int(t["image_id"].item()),
                 name=str(t.get("name", "")),
                 crop=[float(v) for v in (t["crop"].tolist() if isinstance(t["crop"], Tensor) else t["crop"])],
-                target=gt[j],
+                target=b.gt[j],
                 clean=clean_dets[j],
             )
-            for j, (i, t) in enumerate(zip(indices, targets))
+            for j, (i, t) in enumerate(zip(b.indices, targets))
         ]
         for j, r in enumerate(records):
             if r.index < s.samples:
-                r.image = images[j].clone()
-        tick(n)
-
-        clean_loss = self.loss.per_image(clean_out[0], clean_out[1], gt)
+                r.image = b.images[j].clone()
+        b.tick(len(b.indices))
+        clean_loss = self.loss.per_image(b.clean_out[0], b.clean_out[1], b.gt)
         for j, r in enumerate(records):
             r.loss["clean"] = float(clean_loss[j])
-
-        clean_diffs: Tensor | None = None
         if self.twin is not None:
-            clean_diffs = self._clean_diffs(images, clean_out)
+            b.clean_diffs = self._clean_diffs(b.images, b.clean_out)
             for j, r in enumerate(records):
-                r.clean_diff = float(clean_diffs[j])
-
+                r.clean_diff = float(b.clean_diffs[j])
         if s.certify:
             assert self.anchor_bounds is not None
             for j, r in enumerate(records):
-                r.cert = certify_image(
-                    clean_out[0][j], clean_out[1][j], self.priors, self.input_size, clean_dets[j], gt[j], self.anchor_bounds
-                )
+                r.cert = certify_image(b.clean_out[0][j], b.clean_out[1][j], self.priors, self.input_size,
+                                       clean_dets[j], b.gt[j], self.anchor_bounds)
+        return records
 
-        def attack(eps: float, tag: str) -> tuple[list[Dets], Tensor | None, Tensor, Tensor]:
-            """PGD on the twin at ``eps``, replayed on the engine: (dets, |twin - engine|, loss, adv)."""
-            if eps == 0:  # nothing to craft: the clean images themselves go through the engine again
-                adv = images.clone()
-                eng = self.engine(adv)
-                tick(n * s.steps * s.restarts)
-                return self.detect(eng), clean_diffs, self.loss.per_image(eng[0], eng[1], gt), adv
-            res = pgd_l2(
-                self.twin_fn, images.to(self.device), gt, self.loss, eps, s.steps,
-                alpha=(2.5 * eps / s.steps if s.alpha is None else s.alpha), restarts=s.restarts,
-                seeds=[image_seed(s.seed, i, f"{tag}:{eps!r}") for i in indices],
-                on_step=lambda: tick(n),
-            )
-            adv = res.adv.detach().float().cpu()
+    def _attack(self, b: "_Batch", eps: float, tag: str) -> tuple[list[Dets], Tensor | None, Tensor, Tensor]:
+        """PGD on the twin at ``eps``, replayed on the engine: (dets, |twin - engine| per image, loss, adv)."""
+        s, n = self.settings, len(b.indices)
+        if eps == 0:  # nothing to craft: the clean images themselves go through the engine again
+            adv = b.images.clone()
             eng = self.engine(adv)
-            assert res.outputs is not None
-            return self.detect(eng), _max_diff(res.outputs, eng), res.loss, adv
+            b.tick(n * s.steps * s.restarts)
+            return self.detect(eng), b.clean_diffs, self.loss.per_image(eng[0], eng[1], b.gt), adv
+        res = pgd_l2(
+            self.twin_fn, b.images.to(self.device), b.gt, self.loss, eps, s.steps,
+            alpha=(2.5 * eps / s.steps if s.alpha is None else s.alpha), restarts=s.restarts,
+            seeds=[image_seed(s.seed, i, f"{tag}:{eps!r}") for i in b.indices],
+            on_step=lambda: b.tick(n),
+        )
+        adv = res.adv.detach().float().cpu()
+        eng = self.engine(adv)
+        assert res.outputs is not None
+        return self.detect(eng), _max_diff(res.outputs, eng), res.loss, adv
 
+    def _run_pgd(self, b: "_Batch", records: list[ImageRecord]) -> None:
+        """``--pgd`` at ``eps`` and every ``--eps-sweep`` radius into ``records`` (the same attack reused)."""
+        s = self.settings
         if s.pgd:
-            dets, diffs, adv_loss, adv = attack(s.eps, "pgd")
+            dets, diffs, adv_loss, adv = self._attack(b, s.eps, "pgd")
             for j, r in enumerate(records):
                 r.pgd, r.pgd_diff = dets[j], (None if diffs is None else float(diffs[j]))
                 r.loss["pgd"] = float(adv_loss[j])
@@ -480,25 +500,26 @@ class Evaluator:
                     assert r.pgd is not None
                     r.sweep[eps], r.sweep_diff[eps] = r.pgd, r.pgd_diff
             else:
-                dets, diffs, _, _ = attack(eps, "pgd")
+                dets, diffs, _, _ = self._attack(b, eps, "pgd")
                 for j, r in enumerate(records):
                     r.sweep[eps], r.sweep_diff[eps] = dets[j], (None if diffs is None else float(diffs[j]))
 
-        if s.blackbox == "square":
-            res = square_l2(
-                self.engine, images, gt, self.loss, s.eps, s.queries,
-                seeds=[image_seed(s.seed, i, f"square:{s.eps!r}") for i in indices],
-                clean_outputs=clean_out, on_query=lambda: tick(n),
-            )
-            tick(n * max(s.queries - res.queries, 0))
-            assert res.outputs is not None
-            sq = self.detect(res.outputs)
-            for j, r in enumerate(records):
-                r.square = sq[j]
-                r.loss["square"] = float(res.loss[j])
-                if r.index < s.samples and r.adv_image is None:
-                    r.adv_image = res.adv[j].detach().float().cpu().clone()
-        return records
+    def _run_square(self, b: "_Batch", records: list[ImageRecord]) -> None:
+        """``--blackbox square``: query-only L2 random search on the engine into ``records``."""
+        s, n = self.settings, len(b.indices)
+        res = square_l2(
+            self.engine, b.images, b.gt, self.loss, s.eps, s.queries,
+            seeds=[image_seed(s.seed, i, f"square:{s.eps!r}") for i in b.indices],
+            clean_outputs=b.clean_out, on_query=lambda: b.tick(n),
+        )
+        b.tick(n * max(s.queries - res.queries, 0))
+        assert res.outputs is not None
+        sq = self.detect(res.outputs)
+        for j, r in enumerate(records):
+            r.square = sq[j]
+            r.loss["square"] = float(res.loss[j])
+            if r.index < s.samples and r.adv_image is None:
+                r.adv_image = res.adv[j].detach().float().cpu().clone()
 
     def _clean_diffs(self, images: Tensor, clean_out: tuple[Tensor, Tensor]) -> Tensor:
         """Per image max |twin - engine| on the clean batch, ``(N,)``; LipdetError beyond :meth:`twin_tol`.
