@@ -35,7 +35,6 @@ from torch import nn
 
 from lipdet.artifacts import CARD_KEY, card_from_json, card_to_json
 from lipdet.errors import LipdetError
-from lipdet.io import atomic_path
 from lipdet.parity import ParityError, compare, format_stats, tolerance  # ParityError, compare: also re-exported
 
 
@@ -232,15 +231,6 @@ def load_onnx(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as e:
         raise LipdetError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-
-
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write ``model`` atomically (a failed write leaves nothing at ``path``)."""
-    path = Path(path)
-    data = model.SerializeToString()
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------

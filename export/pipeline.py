@@ -23,7 +23,6 @@ Each step returns what it made and measured and changes nothing it was given;
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from lipdet.data.dataset import SVHNDetection, resolve_data, resolve_training_da
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import INPUT_NAME, check_fold, export_onnx_model, ort_session, run_session, set_card
 from lipdet.export.precision import INT8_FLAVOURS, PRECISIONS, TARGETS, ort_cpu_support, quantize_int8, to_fp16
-from lipdet.export.tensorrt import TrtRunner, build_plan, make_sidecar, require_trt, sidecar_path
+from lipdet.export.tensorrt import TrtRunner, build_plan, make_sidecar, require_trt, sidecar_path, sidecar_text
 from lipdet.io import atomic_path, sha256_file
 from lipdet.metrics import batched, map_of
 from lipdet.models import fold_model
@@ -418,7 +417,7 @@ def write_outputs(onnx_bytes: bytes, onnx_out: Path, plan_out: Path | None = Non
         sidecar = build(tmp_onnx, tmp_plan)
         side_path = sidecar_path(plan_out)
         tmp_side = stack.enter_context(atomic_path(side_path))
-        tmp_side.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+        tmp_side.write_text(sidecar_text(sidecar))
     return plan_out, side_path
 
 

@@ -151,10 +151,15 @@ def make_sidecar(
     }
 
 
+def sidecar_text(sidecar: dict[str, Any]) -> str:
+    """The sidecar file's text (sorted, indented JSON): the one serialisation export and tests write."""
+    return json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+
+
 def write_sidecar(plan: str | Path, sidecar: dict[str, Any]) -> Path:
-    """Write ``sidecar`` next to ``plan`` (atomically)."""
+    """Write ``sidecar`` next to ``plan`` (atomically), for a plan built outside ``lipdet export``."""
     path = sidecar_path(plan)
-    write_bytes_atomic(path, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, sidecar_text(sidecar).encode())
     return path
 
 

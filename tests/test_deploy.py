@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from lipdet.io import write_bytes_atomic
 import torch
 
 from lipdet.artifacts import make_card, save_checkpoint
 from lipdet.deploy.backends import OrtBackend, TorchBackend, load_backend
 from lipdet.deploy.twin import check_twin, load_twin
 from lipdet.errors import LipdetError
-from lipdet.export.onnx_export import compare, export_onnx_model, save_onnx, set_card
+from lipdet.export.onnx_export import compare, export_onnx_model, set_card
 from lipdet.export.precision import quantize_int8
 from lipdet.export.tensorrt import (
     check_sidecar,
@@ -37,6 +39,12 @@ from lipdet.models import build_model, fold_model
 
 SIZE = 32
 PRIORS = 4 * (8 * 8 + 4 * 4 + 2 * 2 + 1)
+
+
+def _save(model, path):
+    """Write an ONNX model atomically; returns the path."""
+    write_bytes_atomic(path, model.SerializeToString())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,8 @@ def artifacts(tmp_path_factory):
         "ckpt": ckpt,
         "model": model,
         "folded": folded,
-        "fp32": save_onnx(fp32, folder / "model.onnx"),
-        "int8": save_onnx(int8, folder / "model.int8.onnx"),
+        "fp32": _save(fp32, folder / "model.onnx"),
+        "int8": _save(int8, folder / "model.int8.onnx"),
         "images": torch.rand(7, 3, SIZE, SIZE, generator=gen),
     }
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import onnx
 import pytest
+
+from lipdet.io import write_bytes_atomic
 import torch
 
 from lipdet.artifacts import save_checkpoint
@@ -26,6 +28,12 @@ from lipdet.models import build_model
 
 S = 74
 LOW = dict(score_threshold=0.02)  # many low-score detections: a long precision-recall curve for the COCO check
+
+
+def _save(model, path):
+    """Write an ONNX model atomically; returns the path."""
+    write_bytes_atomic(path, model.SerializeToString())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,7 @@ def _int8_artifact(pt: Path, fp32_onnx: Path, data: Path, quiet) -> Path:
     except ParityError:
         pass
     from lipdet.data import SVHNDetection
-    from lipdet.export.onnx_export import get_card, load_onnx, save_onnx, set_card
+    from lipdet.export.onnx_export import get_card, load_onnx, set_card
     from lipdet.export.precision import INT8_FLAVOURS, quantize_int8
 
     fp32 = load_onnx(fp32_onnx)
@@ -85,7 +93,7 @@ def _int8_artifact(pt: Path, fp32_onnx: Path, data: Path, quiet) -> Path:
     q = quantize_int8(fp32, calib, target="ort")
     set_card(q, {**card, "precision": "int8", "int8_flavour": INT8_FLAVOURS["ort"]})
     out = pt.with_name("model.int8.onnx")
-    save_onnx(q, out)
+    _save(q, out)
     return out
 
 
