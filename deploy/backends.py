@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lipdet.artifacts import artifact_kind
+from lipdet.artifacts import artifact_kind, load_checkpoint
 from lipdet.boxes import PriorSpec, feature_sizes_for, make_priors
 from lipdet.device import DEVICES, resolve_device
 from lipdet.errors import LipdetError
@@ -92,13 +92,11 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, path: Path, device: str = "auto") -> None:
-        from lipdet.artifacts import load_model, make_card
-
-        model = load_model(path)
+        ckpt = load_checkpoint(path)
+        model = ckpt.build_model()
         dev = resolve_device(device)
         self.model = model.to(dev).eval()
-        card = make_card(model, precision="fp32", source={"checkpoint": str(Path(path).resolve())},
-                         data=getattr(model, "checkpoint_meta", {}).get("data"))
+        card = ckpt.card(model)
         super().__init__(path, card, model.config.input_size, "fp32", str(dev))
         self.device = dev
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lipdet.artifacts import artifact_kind
+from lipdet.artifacts import artifact_kind, load_checkpoint
 from lipdet.errors import LipdetError
 from lipdet.parity import agreement, twin_tolerance
 
@@ -49,13 +49,12 @@ def load_twin(path: Path | str) -> nn.Module:
 
 
 def _twin_from_checkpoint(path: Path) -> nn.Module:
-    from lipdet.artifacts import load_model, make_card
     from lipdet.models import fold_model
 
-    model = load_model(path)
+    ckpt = load_checkpoint(path)
+    model = ckpt.build_model()
     twin = fold_model(model)
-    twin.card = make_card(model, precision="fp32", source={"checkpoint": str(path.resolve())},
-                          data=getattr(model, "checkpoint_meta", {}).get("data"))
+    twin.card = ckpt.card(model)
     return _finish(twin)
 
 

@@ -166,16 +166,12 @@ class EvalSettings:
 def resolve_eval_data(data: str | Path | None, backend: Any) -> tuple[Path, str]:
     """The data root to evaluate on and a short note on where it came from.
 
-    ``data`` if given; else the dataset the model was trained on (model card ``data``, or the
-    checkpoint meta's ``data`` for ``.pt``), else the embedded synthetic set.
+    ``data`` if given; else the dataset the model was trained on (the model card's ``data``: every
+    backend has one, a ``.pt`` one from its checkpoint), else the embedded synthetic set.
     """
     if data is not None:
         return Path(resolve_data(Path(data))), f"--data {data}"
-    meta = getattr(getattr(backend, "model", None), "checkpoint_meta", None) or getattr(backend, "meta", None)
-    recorded = (getattr(backend, "card", None) or {}).get("data")
-    if recorded is None and isinstance(meta, dict):
-        recorded = meta.get("data")
-    return resolve_training_data(recorded)
+    return resolve_training_data((getattr(backend, "card", None) or {}).get("data"))
 
 
 def open_dataset(root: Path, split: str, input_size: int) -> Any:

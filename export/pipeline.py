@@ -32,7 +32,7 @@ import onnx
 import torch
 from torch import nn
 
-from lipdet.artifacts import load_model, make_card
+from lipdet.artifacts import load_checkpoint, make_card
 from lipdet.data.dataset import SVHNDetection, resolve_data, resolve_training_data
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import INPUT_NAME, check_fold, export_onnx_model, ort_session, run_session, set_card
@@ -194,16 +194,6 @@ def _session_runner(session: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor
     return run
 
 
-def _load_checkpoint_model(path: Path) -> nn.Module:
-    """``lipdet.artifacts.load_model`` with any unexpected unpickling failure turned into one line."""
-    try:
-        return load_model(path)
-    except LipdetError:
-        raise
-    except Exception as e:  # e.g. a truncated file failing inside torch's weights-only unpickler
-        raise LipdetError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
-
-
 def _check_out_folder(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -270,8 +260,9 @@ def validate_request(checkpoint: Path | None = None, out: Path | None = None, pr
 
 def fold_step(checkpoint: Path, say: Say) -> Folded:
     """Load and fold the checkpoint; check the folded model on ``PARITY_N`` real + as many random images."""
-    model = _load_checkpoint_model(checkpoint)
-    meta = getattr(model, "checkpoint_meta", {}) or {}
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build_model()
+    meta = ckpt.meta
     cfg = model.config
     size = int(cfg.input_size)
     say(f"checkpoint: {checkpoint} ({cfg.arch}, width {cfg.width}, input {size})")

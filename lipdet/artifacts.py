@@ -46,6 +46,29 @@ class Checkpoint:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """The dataset the model was trained on, as recorded (``{"root", "synthetic"}``), or None."""
+        data = self.meta.get("data")
+        return data if isinstance(data, dict) else None
+
+    def build_model(self) -> nn.Module:
+        """The model this checkpoint stores, in eval mode on the CPU; LipdetError if the weights do not fit."""
+        from lipdet.models import build_from_config
+
+        model = build_from_config(self.config)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as e:
+            raise LipdetError(f"{self.path}: weights do not match the recorded {self.config.arch} architecture") from e
+        return model.eval()
+
+    def card(self, model: nn.Module) -> dict[str, Any]:
+        """The model card of a checkpoint served as it is (fp32, source path, training data)."""
+        source = {"checkpoint": str(Path(self.path).resolve())} if self.path is not None else {}
+        return make_card(model, precision="fp32", source=source, data=self.data)
 
 
 def checkpoint_dict(model: nn.Module, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -93,22 +116,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = obj["state_dict"]
     except (KeyError, TypeError) as e:
         raise LipdetError(f"{path}: lipdet checkpoint is missing {e}") from None
-    return Checkpoint(config=cfg, state_dict=state, meta=dict(obj.get("meta") or {}))
+    return Checkpoint(config=cfg, state_dict=state, meta=dict(obj.get("meta") or {}), path=path)
 
 
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild the model stored in a checkpoint, in eval mode on the CPU."""
-    from lipdet.models import build_from_config
-
-    ckpt = load_checkpoint(path)
-    model = build_from_config(ckpt.config)
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as e:
-        raise LipdetError(f"{path}: weights do not match the recorded {ckpt.config.arch} architecture") from e
-    model.eval()
-    model.checkpoint_meta = ckpt.meta  # type: ignore[attr-defined]
-    return model
+    return load_checkpoint(path).build_model()
 
 
 ARTIFACT_KINDS: dict[str, str] = {".pt": "checkpoint", ".onnx": "onnx", ".plan": "plan", ".engine": "plan"}

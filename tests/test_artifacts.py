@@ -23,7 +23,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = save_checkpoint(tmp_path / "model.pt", model, {"epochs": 3})
     back = load_model(path)
     assert back.config == model.config
-    assert back.checkpoint_meta == {"epochs": 3}
+    assert load_checkpoint(path).meta == {"epochs": 3}
     x = torch.rand(2, 3, 74, 74)
     model.eval()
     with torch.no_grad():
