@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lipdet.artifacts import load_checkpoint, make_card
+from lipdet.boxes import VARIANCES
 from lipdet.data.dataset import SVHNDetection, resolve_data, resolve_training_data
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import INPUT_NAME, check_fold, export_onnx_model, ort_session, run_session, set_card
@@ -353,7 +354,7 @@ def card_step(req: ExportRequest, fold: Folded, prec: Precision, validation: dic
         precision=req.precision,
         int8_flavour=prec.flavour,
         data=fold.meta.get("data"),
-        postprocess={**asdict(pp), "variances": [0.1, 0.2]},
+        postprocess={**asdict(pp), "variances": list(VARIANCES)},
         validation=validation,
         parity={k: v for k, v in checks.items()},
         opset=int(next(o.version for o in prec.model.opset_import if o.domain in ("", "ai.onnx"))),

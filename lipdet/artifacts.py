@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import lipdet
+from lipdet.boxes import VARIANCES
 from lipdet.errors import LipdetError
 from lipdet.io import atomic_path
 from lipdet.models.config import CLASS_NAMES, ModelConfig
@@ -161,7 +162,7 @@ def make_card(model: nn.Module, **fields: Any) -> dict[str, Any]:
         "outputs": {"loc": "N x P x 4 SSD offsets", "logits": "N x P x C class logits (0 = background)"},
         "class_names": list(CLASS_NAMES),
         "priors": model.prior_spec.to_dict(),
-        "variances": [0.1, 0.2],
+        "variances": list(VARIANCES),
     }
     card.update(fields)
     return card
