@@ -88,7 +88,7 @@ class MultiBoxLoss(nn.Module):
     Classification uses cross-entropy on all positives and the hardest negatives, at most
     ``neg_pos_ratio`` negatives per positive (hard negative mining, 3:1 by default).
 
-    ``cls_margin`` (logit units, default 0 = plain cross-entropy) turns it into a Lipschitz-margin
+    A per-call ``cls_margin`` (logit units; None or 0 = plain cross-entropy) turns it into a Lipschitz-margin
     cross-entropy (Tsuzuku et al., NeurIPS 2018) on the positive anchors: every non-target logit of
     a matched (object) anchor is raised by ``cls_margin`` before the softmax, so the loss keeps
     pushing until the digit leads by more than the margin. For a class map with Lipschitz bound
@@ -96,27 +96,23 @@ class MultiBoxLoss(nn.Module):
     certified radius ``eps`` (:func:`lipschitz_margin`). Background anchors get no margin:
     certificates are about detected objects, and a margin on every anchor makes "background
     everywhere" the easiest way down (measured: no detection at all after 3 epochs, see
-    docs/results/beat-the-seed.md). The margin may also be given per call, per prior (``(P,)``):
-    a learnt temperature changes ``L`` during training. Evaluation and post-processing use the raw
-    logits.
+    docs/results/beat-the-seed.md). The margin is a float or per prior (``(P,)``): a learnt
+    temperature changes ``L`` during training (:func:`lipdet.train.loop.train_margin`). Evaluation
+    and post-processing use the raw logits.
     """
 
-    def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3,
-                 cls_margin: float = 0.0) -> None:
+    def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3) -> None:
         super().__init__()
-        if cls_margin < 0:
-            raise ValueError(f"cls_margin must be >= 0, got {cls_margin}")
         self.register_buffer("priors", priors.clone(), persistent=False)
         self.input_size = input_size
         self.alpha = alpha
         self.neg_pos_ratio = neg_pos_ratio
-        self.cls_margin = float(cls_margin)
 
     def forward(
         self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]], cls_margin: Tensor | float | None = None
     ) -> dict[str, Tensor]:
         """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`;
-        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (default: the constructor's).
+        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (None: plain cross-entropy).
 
         Returns ``{"loss", "loc", "cls"}`` scalars.
         """
@@ -125,7 +121,7 @@ class MultiBoxLoss(nn.Module):
         pos = cls_t > 0
         num_pos = pos.sum().clamp_min(1).float()
         loc_loss = F.smooth_l1_loss(loc[pos], loc_t[pos], reduction="sum") / num_pos
-        margin = self.cls_margin if cls_margin is None else cls_margin
+        margin = 0.0 if cls_margin is None else cls_margin
         if isinstance(margin, Tensor) or margin > 0:
             margin_t = torch.as_tensor(margin, dtype=logits.dtype, device=logits.device)
             margin_t = margin_t.view(1, -1) if margin_t.dim() == 1 else margin_t.view(1, 1)  # (1, P) or (1, 1)

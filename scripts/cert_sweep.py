@@ -19,7 +19,7 @@ through Ray Train.
 
 Usage::
 
-    python scripts/cert_sweep.py --out /tmp/sweep --variants default,unshuffle-t10 --budget-s 300
+    python scripts/cert_sweep.py --out /tmp/sweep --variants default,l2pool --budget-s 300
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "eps1": {"margin_eps": 1.0},
     "width2": {"width": 2.0},
-    "unshuffle-t10": {"options": {"pool": "unshuffle", "shrink": "conv", "cls_temperature": 10.0}},
-    "unshuffle-t3": {"options": {"pool": "unshuffle", "shrink": "conv", "cls_temperature": 3.0}},
     "l2pool": {"options": {"pool": "l2", "shrink": "conv"}},
     "l2pool-eps1": {"options": {"pool": "l2", "shrink": "conv"}, "margin_eps": 1.0},
     "l2pool-truncate": {"options": {"pool": "l2"}},

@@ -154,24 +154,21 @@ def test_lipschitz_margin_option():
     loc = torch.zeros(1, priors.shape[0], 4)
     logits = torch.randn(1, priors.shape[0], 11)
     plain = MultiBoxLoss(priors, S)
-    margin = MultiBoxLoss(priors, S, cls_margin=2.0)
-    assert plain.cls_margin == 0.0
     _, cls_t = match_targets([_target()], priors, S)
     pos = (cls_t > 0).float().unsqueeze(-1)
     assert 0 < pos.sum() < pos.numel()
     shifted = logits + 2.0 * (1 - F.one_hot(cls_t, 11).float()) * pos
-    torch.testing.assert_close(margin(loc, logits, [_target()])["cls"], plain(loc, shifted, [_target()])["cls"])
-    # per call, per prior: 2 on the positives equals the constructor's 2; negatives never matter
+    torch.testing.assert_close(plain(loc, logits, [_target()], cls_margin=2.0)["cls"],
+                               plain(loc, shifted, [_target()])["cls"])
+    # per prior: 2 on the positives equals a scalar 2; negatives never matter
     per_prior = torch.where(cls_t[0] > 0, torch.tensor(2.0), torch.tensor(50.0))
     torch.testing.assert_close(plain(loc, logits, [_target()], cls_margin=per_prior)["cls"],
-                               margin(loc, logits, [_target()])["cls"])
-    torch.testing.assert_close(margin(loc, logits, [_target()], cls_margin=0.0)["cls"], plain(loc, logits, [_target()])["cls"])
+                               plain(loc, logits, [_target()], cls_margin=2.0)["cls"])
+    torch.testing.assert_close(plain(loc, logits, [_target()], cls_margin=0.0)["cls"], plain(loc, logits, [_target()])["cls"])
     tau = torch.full((priors.shape[0],), 4.0)
     torch.testing.assert_close(lipschitz_margin(0.5, tau), torch.full_like(tau, math.sqrt(2) * 2.0))
     # a lead of 3 logits: plain CE is small, the margin loss (margin 5) is not
     lead = torch.zeros(1, priors.shape[0], 11)
     lead.scatter_(2, cls_t[..., None], 3.0)
-    assert MultiBoxLoss(priors, S, cls_margin=5.0)(loc, lead, [_target()])["cls"] > 3 * plain(loc, lead, [_target()])["cls"]
+    assert plain(loc, lead, [_target()], cls_margin=5.0)["cls"] > 3 * plain(loc, lead, [_target()])["cls"]
     assert lipschitz_margin(0.5, 10.0) == pytest.approx(math.sqrt(2) * 5.0)
-    with pytest.raises(ValueError):
-        MultiBoxLoss(priors, S, cls_margin=-1.0)

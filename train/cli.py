@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from lipdet.models.tinier_ssd import SLLOptions
+
 from lipdet.train.trainer import (
     DEFAULT_EPOCHS,
     EPOCHS_ENV,
@@ -81,8 +83,8 @@ def command(
     ),
     option: Optional[list[str]] = typer.Option(
         None, "--option", "-O", metavar="KEY=VALUE", help="Model option (repeatable), e.g. -O pool=l2 -O loc_scale=1. "
-        "sll-* keys: pool (max|l2), cls_temperature, learn_temperature, loc_scale, learn_loc_scale, sll_inner_ratio, "
-        "sll_blocks, spectral_train_iters (naive has none). Values are JSON (numbers, true/false) or plain strings.", show_default=False,
+        f"sll-* keys: {SLLOptions.help()} (naive has none; sll-spectral trains with its own defaults, see README). "
+        "Values are JSON (numbers, true/false) or plain strings.", show_default=False,
     ),
     margin_eps: Optional[float] = typer.Option(
         None, "--margin-eps", help="sll-* only: train the class heads for certified L2 radius EPS (Lipschitz-margin "

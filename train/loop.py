@@ -62,7 +62,6 @@ class LoopConfig:
     width: float = 1.0
     input_size: int = 74
     model_options: dict[str, Any] = field(default_factory=dict)
-    loss_options: dict[str, Any] = field(default_factory=dict)  # extra MultiBoxLoss kwargs (e.g. cls_margin)
     data_root: str = ""
     synthetic: bool = True
     epochs: int = 30
@@ -86,6 +85,7 @@ class LoopConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
+        """From a saved run description; keys this version does not have (e.g. ``loss_options``) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -407,7 +407,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.arch, width=cfg.width, input_size=cfg.input_size, **cfg.model_options)
     model_config = model.config.to_dict()
     priors = model.priors.detach().clone()
-    criterion = MultiBoxLoss(priors, cfg.input_size, **cfg.loss_options).to(device)
+    criterion = MultiBoxLoss(priors, cfg.input_size).to(device)
     mem_format = cfg.memory_format
     model = model.to(device=device, memory_format=mem_format)
 

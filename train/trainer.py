@@ -28,8 +28,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
+from lipdet.cluster import first_line as _first_line
+from lipdet.cluster import ray_session
 from lipdet.errors import LipdetError
 from lipdet.io import write_text_atomic
 from lipdet.train.loop import PRECISIONS, LoopConfig
@@ -140,7 +142,6 @@ class TrainOptions:
     fault: str | None = None
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)
-    loss_options: dict[str, Any] = field(default_factory=dict)
     margin_eps: float | None = None
 
 
@@ -237,11 +238,6 @@ class RunStorage:
 
     def describe(self) -> str:
         return str(self.local) if self.local is not None else f"{self.storage_path}/{self.name}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +378,11 @@ def plan_run(opts: TrainOptions) -> RunPlan:
         previous = _read_history(storage)
         name = opts.resume
     else:
-        data_root, synthetic = _resolve_data(opts.data)
+        arch = opts.arch or DEFAULTS["arch"]
+        width = opts.width if opts.width is not None else DEFAULTS["width"]
+        model_options = {**default_model_options(arch), **opts.model_options}
+        margin_eps = opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch)
+        _check_model_request(arch, width, model_options, margin_eps)
         epochs = epochs if epochs is not None else default_epochs()
         if opts.name is not None:
             name = opts.name
@@ -396,12 +396,12 @@ def plan_run(opts: TrainOptions) -> RunPlan:
             local_root = Path(out) if not _is_uri(out) else runs_root(None)
             name = new_run_name(opts.arch or DEFAULTS["arch"], local_root)
             storage = RunStorage(out, name)
-        arch = opts.arch or DEFAULTS["arch"]
+        # only now, with every option accepted, may the embedded synthetic data be generated
+        data_root, synthetic = _resolve_data(opts.data)
         loop = LoopConfig(
             arch=arch,
-            width=opts.width if opts.width is not None else DEFAULTS["width"],
-            model_options={**default_model_options(arch), **opts.model_options},
-            loss_options=dict(opts.loss_options),
+            width=width,
+            model_options=model_options,
             data_root=str(data_root),
             synthetic=synthetic,
             epochs=epochs,
@@ -416,18 +416,8 @@ def plan_run(opts: TrainOptions) -> RunPlan:
             val_limit=opts.val_limit,
             fault=opts.fault,
             run_name=name,
-            margin_eps=opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch),
+            margin_eps=margin_eps,
         )
-        # unknown widths/options are user errors too: resolve the config once here
-        from lipdet.models.config import ModelConfig
-        from lipdet.models.tinier_ssd import resolve_options
-
-        resolve_options(ModelConfig(arch=loop.arch, width=loop.width, input_size=loop.input_size,
-                                    options=dict(loop.model_options)))
-        if loop.margin_eps < 0 or not math.isfinite(loop.margin_eps):
-            raise LipdetError(f"--margin-eps must be >= 0, got {loop.margin_eps}")
-        if loop.margin_eps > 0 and not loop.arch.startswith("sll-"):
-            raise LipdetError("--margin-eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
         previous = []
     check_splits(data_root, loop.input_size)
     run_dir = storage.local if storage.local is not None else runs_root(None) / name
@@ -444,6 +434,19 @@ def plan_run(opts: TrainOptions) -> RunPlan:
         resumed=opts.resume is not None,
         previous_history=previous,
     )
+
+
+def _check_model_request(arch: str, width: float, model_options: dict[str, Any], margin_eps: float) -> None:
+    """Refuse unknown widths/options and a margin the arch cannot certify (before any data is made)."""
+    from lipdet.models.config import ModelConfig
+    from lipdet.models.tinier_ssd import resolve_options
+
+    resolve_options(ModelConfig(arch=arch, width=width, input_size=LoopConfig.input_size,
+                                options=dict(model_options)))
+    if margin_eps < 0 or not math.isfinite(margin_eps):
+        raise LipdetError(f"--margin-eps must be >= 0, got {margin_eps}")
+    if margin_eps > 0 and not arch.startswith("sll-"):
+        raise LipdetError("--margin-eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
 
 
 def check_splits(root: Path, input_size: int) -> None:
@@ -485,43 +488,6 @@ def _read_history(storage: RunStorage) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None, workers: int) -> Iterator[bool]:
-    """Attach to Ray (an initialised one, ``address``/``RAY_ADDRESS``) or start a local cluster.
-
-    Yields True when this call started the cluster (and will stop it on exit).
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield False
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # log_to_driver=False: the loop prints nothing (progress comes through ProgressSink, errors
-    # through TrainingFailedError), and without the dashboard Ray Train's placement-group cleaner
-    # would flood the console with "State API may be temporarily unavailable" warnings.
-    quiet = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
-    try:
-        if address:
-            ray.init(address=address, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
-        else:
-            ray.init(num_cpus=max(_cores(), workers), **quiet)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
-        where = f"at {address}" if address else "locally"
-        raise LipdetError(f"cannot start or join Ray {where}: {_first_line(e)}") from None
-    try:
-        yield True
-    finally:
-        ray.shutdown()
 
 
 def cluster_gpus() -> float:
