@@ -146,7 +146,7 @@ def test_data_commands_refuse_before_writing(fresh, capsys, tiny_svhn):
     assert "unknown SVHN split" in _refused(["data", "fetch", "svhn", out, "--splits", "bogus"], fresh, capsys)
     before = _contents(tiny_svhn)
     grid = str(fresh["cwd"] / "grid.png")
-    assert "no bogus/digitStruct.mat" in _refused(["data", "show", str(tiny_svhn), "--split", "bogus", "--out", grid],
+    assert "bogus: no digitStruct.mat" in _refused(["data", "show", str(tiny_svhn), "--split", "bogus", "--out", grid],
                                                   fresh, capsys)
     assert "does not exist" in _refused(["data", "show", str(tiny_svhn), "--out", "nowhere/grid.png"], fresh, capsys)
     assert _contents(tiny_svhn) == before  # no crop cache was written beside the data either

@@ -77,7 +77,7 @@ def show_command(
 
     root = resolve_data(data)
     if not (root / split / "digitStruct.mat").is_file():
-        raise LipdetError(f"{root} has no {split}/digitStruct.mat (--split {split})")
+        raise LipdetError(f"{root / split}: no digitStruct.mat here (--split {split})")
     if not out.parent.is_dir():
         raise LipdetError(f"--out: folder {out.parent} does not exist")
     dataset = SVHNDetection(root, split=split, input_size=input_size, seed=seed)
