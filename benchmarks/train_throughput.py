@@ -4,10 +4,10 @@
 Same model, same data (the first ``--images`` crops of the synthetic SVHN train split, or
 ``--data``), same global batch, no augmentation. Images/s counts training steps only:
 
-* plain: one process, ``torch.set_num_threads(cores)``, a minimal hand-written loop (model, the
-  Ray loop's optimizer (fused Adam), MultiBox loss, DataLoader, autocast); fp32 and bf16 side by
-  side, each batch trained by both in alternating order (:func:`plain_loops`); timed after
-  ``--warmup`` steps.
+* plain: one process, ``torch.set_num_threads(cores)``, a minimal hand-written loop over the Ray
+  workers' recipe (:func:`lipdet.train.recipe.build_training`: model, fused Adam, MultiBox loss),
+  a DataLoader and autocast; fp32 and bf16 side by side, each batch trained by both in alternating
+  order (:func:`plain_loops`); timed after ``--warmup`` steps.
 * Ray N: ``lipdet.train``'s real TorchTrainer and loop on N workers (cores // N threads each,
   per-worker batch = global / N, DDP over gloo); the loop's own images/s over every epoch but
   the first (warm-up), validation excluded.
@@ -36,6 +36,7 @@ Ray workers normally run at nice 15; here the local cluster runs them at nice 0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -49,17 +50,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
+from lipdet.cluster import local_cores as cores  # noqa: E402
+from lipdet.cluster import ray_session  # noqa: E402
+from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data  # noqa: E402
+from lipdet.train.loop import load_train_state  # noqa: E402
+from lipdet.train.recipe import LoopConfig, Training, build_training  # noqa: E402
+from lipdet.train.trainer import RunPlan, build_trainer  # noqa: E402
 
 
 def dataset(args):
-    from lipdet.data.dataset import SVHNDetection, resolve_data
-
     root = Path(resolve_data(args.data)).resolve()
     base = SVHNDetection(root, split="train", input_size=74, seed=0)
     n = min(args.images, len(base))
@@ -70,24 +69,21 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer")
 MF = torch.channels_last
 
 
-def build_runs(args, precisions: list[str]) -> dict[str, tuple]:
-    """One ``(model, loss, optimizer)`` per precision, same initial weights, the Ray loop's optimizer."""
-    from lipdet.loss import MultiBoxLoss
-    from lipdet.models import build_model
-    from lipdet.train.loop import LoopConfig, make_optimizer
-
+def build_runs(args, precisions: list[str]) -> dict[str, Training]:
+    """One :class:`Training` per precision: the Ray workers' recipe (same initial weights, fused Adam,
+    MultiBox loss, channels_last). The plain loop steps it by hand at a constant lr: no warm-up and
+    its scheduler is never stepped, so the lr stays 1e-3 (``lr_factor(0, 1, 0) == 1``)."""
     runs = {}
     for precision in precisions:
-        torch.manual_seed(0)
-        model = build_model(args.arch, width=args.width).to(memory_format=MF).train()
-        runs[precision] = (model, MultiBoxLoss(model.priors, 74), make_optimizer(LoopConfig(arch=args.arch, lr=1e-3), model))
+        cfg = LoopConfig(arch=args.arch, width=args.width, lr=1e-3, precision=precision, channels_last=True)
+        runs[precision] = build_training(cfg, torch.device("cpu"), total_steps=1, warmup_steps=0)
     return runs
 
 
-def train_once(run: tuple, precision: str, x: torch.Tensor, targets: list) -> list[float]:
+def train_once(run: Training, precision: str, x: torch.Tensor, targets: list) -> list[float]:
     """One plain training step; returns ``perf_counter`` marks at its start and after forward,
     loss, backward and optimizer."""
-    model, loss_fn, opt = run
+    model, loss_fn, opt = run.model, run.criterion, run.optimizer
     marks = [time.perf_counter()]
     x = x.contiguous(memory_format=MF)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -106,8 +102,6 @@ def train_once(run: tuple, precision: str, x: torch.Tensor, targets: list) -> li
 def side_by_side(args, ds, precisions: list[str], steps: int):
     """Yield ``(step, precision, x, targets, data_s)`` for ``steps`` batches, each batch once per
     precision in alternating order; ``data_s`` is the batch's loading time (every precision pays it)."""
-    from lipdet.data.dataset import detection_collate
-
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=detection_collate, num_workers=0)
     done = 0
@@ -171,9 +165,6 @@ def op_breakdown(args, ds, precisions: list[str], steps: int) -> dict[str, dict[
 def ray_loop(args, root: Path, workers: int, precision: str) -> tuple[float, int]:
     """Images/s of lipdet's Ray Train loop over every epoch but the first (from the history in
     its last checkpoint) and the world size it reported."""
-    from lipdet.train.loop import LoopConfig, load_train_state
-    from lipdet.train.trainer import RunPlan, build_trainer
-
     with tempfile.TemporaryDirectory(prefix="lipdet-bench-") as tmp:
         loop = LoopConfig(
             arch=args.arch, width=args.width, data_root=str(root), synthetic=False, epochs=args.epochs,
@@ -190,7 +181,7 @@ def ray_loop(args, root: Path, workers: int, precision: str) -> tuple[float, int
         return images / sum(m["train_time_s"] for m in timed), int(result.metrics["world_size"])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None, help="SVHN format-1 folder (default: synthetic SVHN)")
     ap.add_argument("--arch", default="naive")
@@ -214,38 +205,45 @@ def main() -> None:
         ap.error("--target must be > 0")
     if args.steps <= 0:
         args.steps = max(1, 2 * args.images // args.batch_size)
+    return args
 
+
+def measure(args, root: Path, ds, precisions: list[str]
+            ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[dict[str, float]]]]:
+    """Every round's images/s per ``(setup, precision)`` and the plain loop's ms per phase."""
+    samples: dict[tuple[str, str], list[float]] = {}  # (setup, precision) -> images/s of each round
+    phase_runs: dict[str, list[dict[str, float]]] = {}
+    for r in range(args.rounds):
+        plain = plain_loops(args, ds, precisions)
+        for precision in precisions:
+            ips, ms = plain[precision]
+            samples.setdefault(("plain PyTorch (1 process)", precision), []).append(ips)
+            phase_runs.setdefault(precision, []).append(ms)
+            print(f"  [{r + 1}/{args.rounds}] plain {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+        for precision in [] if args.plain_only else precisions:
+            for workers in (1, 2):
+                ips, world = ray_loop(args, root, workers, precision)
+                assert world == workers
+                setup = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}"
+                samples.setdefault((setup, precision), []).append(ips)
+                print(f"  [{r + 1}/{args.rounds}] ray x{workers} {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
+    return samples, phase_runs
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
+    import ray  # lazy: Ray is heavy / optional
 
     root, ds = dataset(args)
     c = cores()
     print(f"{args.arch} width {args.width}, {len(ds)} images/epoch, global batch {args.batch_size}, "
           f"{c} cores, torch {torch.__version__}, ray {ray.__version__}", file=sys.stderr)
-    if not args.plain_only:
-        ray.init(num_cpus=c, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    samples: dict[tuple[str, str], list[float]] = {}  # (setup, precision) -> images/s of each round
-    phase_runs: dict[str, list[dict[str, float]]] = {}
-    t_start = time.perf_counter()
-    torch.set_num_threads(c)
     precisions = args.precisions.split(",")
-    try:
-        for r in range(args.rounds):
-            plain = plain_loops(args, ds, precisions)
-            for precision in precisions:
-                ips, ms = plain[precision]
-                samples.setdefault(("plain PyTorch (1 process)", precision), []).append(ips)
-                phase_runs.setdefault(precision, []).append(ms)
-                print(f"  [{r + 1}/{args.rounds}] plain {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
-            for precision in [] if args.plain_only else precisions:
-                for workers in (1, 2):
-                    ips, world = ray_loop(args, root, workers, precision)
-                    assert world == workers
-                    setup = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}"
-                    samples.setdefault((setup, precision), []).append(ips)
-                    print(f"  [{r + 1}/{args.rounds}] ray x{workers} {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
-    finally:
-        ray.shutdown()
+    with contextlib.nullcontext() if args.plain_only else ray_session(None, c):  # local Ray, c CPUs
+        t_start = time.perf_counter()
+        torch.set_num_threads(c)
+        samples, phase_runs = measure(args, root, ds, precisions)
     rows = [(setup, p, statistics.median(v), v) for (setup, p), v in samples.items()]
     phases = {p: {k: statistics.fmean(ms[k] for ms in runs) for k in PHASES} for p, runs in phase_runs.items()}
     by_op = op_breakdown(args, ds, precisions, args.breakdown_steps) if args.breakdown_steps > 0 else {}

@@ -97,7 +97,7 @@ class MultiBoxLoss(nn.Module):
     certificates are about detected objects, and a margin on every anchor makes "background
     everywhere" the easiest way down (measured: no detection at all after 3 epochs, see
     docs/results/beat-the-seed.md). The margin is a float or per prior (``(P,)``): a learnt
-    temperature changes ``L`` during training (:func:`lipdet.train.loop.train_margin`). Evaluation
+    temperature changes ``L`` during training (:func:`lipdet.train.recipe.train_margin`). Evaluation
     and post-processing use the raw logits.
     """
 

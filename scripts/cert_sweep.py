@@ -2,11 +2,12 @@
 """Certified-training sweep: train ``sll-spectral`` variants side by side, then certify each.
 
 Each variant trains in its own process (they share one GPU well: the model is small and the steps
-are launch-bound) with :class:`lipdet.train.loop.TrainStep` -- the step ``lipdet train`` runs on
-every Ray worker -- on the built-in synthetic SVHN (4000 train crops, batch 32, augmentation, Adam
-at the arch's lr, one epoch of warm-up then cosine, the arch's training defaults plus the variant's
-changes). It trains against a time budget: the first epoch is timed and the epoch count set so the
-run fits ``--budget-s`` (at most ``--max-epochs``); schedule and margin ramp follow that count.
+are launch-bound) with :func:`lipdet.train.recipe.build_training` -- the model, loss, optimiser and
+step that ``lipdet train`` builds on every Ray worker -- on the built-in synthetic SVHN (4000 train
+crops, batch 32, augmentation, Adam at the arch's lr, one epoch of warm-up then cosine, the arch's
+training defaults plus the variant's changes). It trains against a time budget: the first epoch is
+timed and the epoch count set so the run fits ``--budget-s`` (at most ``--max-epochs``); schedule
+and margin ramp follow that count.
 
 Every ``--eval-every`` epochs and at the end: validation map_50 on the test split; at the end, the
 certificate of :mod:`lipdet.eval.certify` on the parametrised model (certified share of test digits
@@ -34,6 +35,15 @@ from typing import Any
 
 import torch
 
+from lipdet.artifacts import save_checkpoint
+from lipdet.data.dataset import resolve_data
+from lipdet.eval.certify import AnchorBounds, certified_share, certify_image
+from lipdet.models.lipschitz import head_bounds
+from lipdet.postprocess import postprocess
+from lipdet.train.loop import augment_batch, evaluate, load_split
+from lipdet.train.recipe import LoopConfig, build_training
+from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "eps1": {"margin_eps": 1.0},
@@ -48,11 +58,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 CERT_EPS = (0.025, 0.05, 0.1, 0.25, 0.5)
 
 
-def loop_config(spec: dict[str, Any], use_gpu: bool):
-    from lipdet.data.dataset import resolve_data
-    from lipdet.train.loop import LoopConfig
-    from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
-
+def loop_config(spec: dict[str, Any], use_gpu: bool) -> LoopConfig:
+    """``lipdet train --arch sll-spectral``'s config (defaults, synthetic SVHN, seed 0) with ``spec``'s changes."""
     arch = spec.get("arch", "sll-spectral")
     return LoopConfig(
         arch=arch, width=float(spec.get("width", 1.0)),
@@ -65,10 +72,6 @@ def loop_config(spec: dict[str, Any], use_gpu: bool):
 @torch.no_grad()
 def certify(model: torch.nn.Module, ds, device: torch.device) -> dict[str, Any]:
     """eval/certify's certificate of ``model`` on every image of ``ds`` (parametrised model)."""
-    from lipdet.eval.certify import AnchorBounds, certified_share, certify_image
-    from lipdet.models.lipschitz import head_bounds
-    from lipdet.postprocess import postprocess
-
     model.eval()
     bounds = head_bounds(model)
     ab = AnchorBounds.from_head_bounds(bounds, model.priors.shape[0], model.prior_spec.feature_sizes)
@@ -98,27 +101,16 @@ def certify(model: torch.nn.Module, ds, device: torch.device) -> dict[str, Any]:
 
 def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max_epochs: int, eval_every: int,
                 limit: int = 0) -> dict:
-    from lipdet.artifacts import save_checkpoint
-    from lipdet.loss import MultiBoxLoss
-    from lipdet.models import build_model
-    from lipdet.train.loop import TrainStep, augment_batch, evaluate, load_split, lr_factor, make_optimizer
-
     t_start = time.perf_counter()
-    torch.manual_seed(0)
     cfg = loop_config(VARIANTS[name], device.type == "cuda")
-    model = build_model(cfg.arch, width=cfg.width, input_size=cfg.input_size, **cfg.model_options)
-    priors = model.priors.detach().clone()
-    criterion = MultiBoxLoss(priors, cfg.input_size).to(device)
-    mem = cfg.memory_format
-    model = model.to(device=device, memory_format=mem)
     train_ds, val_ds = load_split(cfg, "train", limit), load_split(cfg, "test", limit // 4)
     images = torch.stack([train_ds[i][0] for i in range(len(train_ds))]).to(device)
     targets = [{k: train_ds[i][1][k].to(device) for k in ("boxes", "labels")} for i in range(len(train_ds))]
     spe = len(train_ds) // cfg.batch_size
-    plan = {"epochs": max_epochs, "total": spe * max_epochs}
-    opt = make_optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan["total"], spe))
-    step_fn = TrainStep(cfg, model, criterion, opt, sched, device, plan["total"])
+    plan = {"epochs": max_epochs}
+    # one epoch of warm-up; the length is fixed after the first epoch (set_total_steps below)
+    training = build_training(cfg, device, total_steps=spe * max_epochs, warmup_steps=spe)
+    model, priors, step_fn, mem = training.model, training.priors, training.step, cfg.memory_format
     history: list[dict[str, Any]] = []
     aug = torch.Generator().manual_seed(cfg.seed)
     epoch, step, t_train = 0, 0, time.perf_counter()
@@ -139,7 +131,7 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
         if epoch == 1:  # fit the run into the budget (final validation + certificate reserved)
             left = budget_s - (time.perf_counter() - t_start) - 30.0
             plan["epochs"] = max(1, min(max_epochs, 1 + int(left // max(row["epoch_s"], 1e-3))))
-            plan["total"] = step_fn.total_steps = spe * plan["epochs"]
+            training.set_total_steps(spe * plan["epochs"])
         if epoch % eval_every == 0 or epoch == plan["epochs"]:
             row["val_map_50"] = round(evaluate(model, val_ds, cfg, device, priors.to(device), mem_format=mem)["map_50"], 4)
             row["tau"] = [round(float(model.cls_heads[t].temperature()), 2) for t in model.taps]
@@ -181,8 +173,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         run_variant(args.one, args.out, torch.device(args.device), args.budget_s, args.max_epochs, args.eval_every, args.limit)
         return
-    from lipdet.train.loop import load_split
-
     cfg = loop_config({}, False)
     for split in ("train", "test"):  # synthesise the data and build the crop caches once, before the variants start
         load_split(cfg, split)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Run lipdet's CUDA code paths on a GPU and measure them, in one process (Ray not needed).
 
-1. Training steps: :class:`lipdet.train.loop.TrainStep` -- the step every Ray Train worker takes --
-   for ``naive`` and ``sll-spectral`` in fp32, bf16 and fp16 (GradScaler) on the GPU: losses stay
-   finite and fall, images/s side by side (batch 32, the pipeline's default, and 256); after the
-   mixed-precision steps the ``sll-spectral`` heads are attacked for their Lipschitz bound
-   (power iteration, random pairs, gradient ascent): the SLL normalisations run in fp32 under
-   autocast, so the measured constant must stay <= the certified one.
+1. Training steps: the TrainStep of :func:`lipdet.train.recipe.build_training` -- the step every
+   Ray Train worker takes -- for ``naive`` and ``sll-spectral`` in fp32, bf16 and fp16 (GradScaler)
+   on the GPU: losses stay finite and fall, images/s side by side (batch 32, the pipeline's default,
+   and 256); after the mixed-precision steps the ``sll-spectral`` heads are attacked for their
+   Lipschitz bound (power iteration, random pairs, gradient ascent): the SLL normalisations run in
+   fp32 under autocast, so the measured constant must stay <= the certified one.
 2. PGD on the GPU vs the CPU (:func:`lipdet.eval.attacks.pgd_l2`): same model, images and seeds,
    so the adversarial losses must agree to float tolerance; time per image on each.
 3. ONNX Runtime's providers, and with ``--onnx`` the deployed-artifact path end to end:
@@ -32,7 +32,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import onnxruntime as ort
 import torch
+
+from lipdet.data.dataset import resolve_data
+from lipdet.eval.attacks import AttackLoss, pgd_l2
+from lipdet.models import build_model
+from lipdet.models.fold import fold_model
+from lipdet.models.lipschitz import empirical_lipschitz, head_bounds
+from lipdet.train.loop import collate, load_split
+from lipdet.train.recipe import LoopConfig, build_training
+from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
 
 RESULTS: dict[str, Any] = {}
 
@@ -60,9 +70,6 @@ def sync(device: torch.device) -> None:
 
 def batches(n_batches: int, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, list[dict]]]:
     """The first ``n_batches * batch_size`` synthetic SVHN train crops, as device batches."""
-    from lipdet.data.dataset import resolve_data
-    from lipdet.train.loop import LoopConfig, collate, load_split
-
     cfg = LoopConfig(data_root=str(resolve_data(None)), synthetic=True)
     ds = load_split(cfg, "train", n_batches * batch_size)
     out = []
@@ -74,22 +81,12 @@ def batches(n_batches: int, batch_size: int, device: torch.device) -> list[tuple
 
 def train_steps(arch: str, precision: str, device: torch.device, data: list, steps: int, warmup: int = 5) -> dict:
     """``steps`` timed TrainSteps (after ``warmup``) of ``arch`` in ``precision`` on ``device``."""
-    from lipdet.loss import MultiBoxLoss
-    from lipdet.models import build_model
-    from lipdet.train.loop import LoopConfig, TrainStep, lr_factor, make_optimizer
-    from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
-
-    torch.manual_seed(0)
-    opts = default_model_options(arch)
-    cfg = LoopConfig(arch=arch, precision=precision, use_gpu=device.type == "cuda", model_options=opts,
-                     margin_eps=default_margin_eps(arch), lr=default_lr(arch))
-    model = build_model(arch, **opts)
-    criterion = MultiBoxLoss(model.priors, cfg.input_size).to(device)
-    model = model.to(device=device, memory_format=cfg.memory_format)
-    opt = make_optimizer(cfg, model)
+    cfg = LoopConfig(arch=arch, precision=precision, use_gpu=device.type == "cuda",
+                     model_options=default_model_options(arch), margin_eps=default_margin_eps(arch),
+                     lr=default_lr(arch))
     total = warmup + steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, 2))
-    step = TrainStep(cfg, model, criterion, opt, sched, device, total)
+    training = build_training(cfg, device, total_steps=total, warmup_steps=2)
+    model, step = training.model, training.step
     losses = []
     t0 = None
     for i in range(total):
@@ -111,8 +108,6 @@ def train_steps(arch: str, precision: str, device: torch.device, data: list, ste
 
 def measured_head_bounds(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
     """Per scale: the certified cls/loc bounds and a measured lower bound of each (attacked)."""
-    from lipdet.models.lipschitz import empirical_lipschitz, head_bounds
-
     x = x.contiguous()
     heads = head_bounds(model)
     out = []
@@ -152,10 +147,6 @@ def check_training(device: torch.device, batch_sizes: list[int]) -> dict:
 
 def check_pgd(device: torch.device) -> dict:
     """PGD on ``device`` vs on the CPU, same model/images/seeds."""
-    from lipdet.eval.attacks import AttackLoss, pgd_l2
-    from lipdet.models import build_model
-    from lipdet.models.fold import fold_model
-
     torch.manual_seed(0)
     model = fold_model(build_model("sll-spectral")).eval()
     images, targets = batches(1, 16, torch.device("cpu"))[0]
@@ -184,8 +175,6 @@ def check_pgd(device: torch.device) -> dict:
 
 
 def check_ort() -> dict:
-    import onnxruntime as ort
-
     out = {"version": ort.__version__, "providers": ort.get_available_providers()}
     log(f"   onnxruntime {out['version']}: {out['providers']}")
     return out

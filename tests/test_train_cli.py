@@ -203,6 +203,16 @@ def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
     assert plan.resumed and plan.loop.epochs == 4 and plan.loop.seed == 1 and plan.name == "r1"
 
 
+def test_resume_accepts_an_old_run_description_with_loss_options(tiny_svhn, tmp_path):
+    """train.json of runs made before loss_options was removed still resumes (the key is ignored)."""
+    run = tmp_path / "old"
+    run.mkdir()
+    loop = LoopConfig(data_root=str(tiny_svhn.resolve()), synthetic=False, epochs=2).to_dict()
+    (run / trainer.RUN_FILE).write_text(json.dumps({"loop": {**loop, "loss_options": {"cls_margin": 1.0}}}))
+    plan = plan_run(TrainOptions(resume="old", out=str(tmp_path), epochs=3))
+    assert plan.resumed and plan.loop.epochs == 3 and "loss_options" not in plan.loop.to_dict()
+
+
 def test_check_address_accepts_a_live_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,6 +233,23 @@ def test_lr_schedule_warms_up_then_decays():
     assert f[0] == pytest.approx(0.1) and f[warm - 1] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[warm:], f[warm + 1 :]))
     assert f[-1] < 0.05 and lr_factor(total, total, warm) == pytest.approx(0.02)
+
+
+def test_recipe_is_seeded_and_its_schedule_follows_the_run_length():
+    from lipdet.train.recipe import build_training
+
+    cfg = LoopConfig(width=0.25, seed=1)
+    a = build_training(cfg, torch.device("cpu"), total_steps=100, warmup_steps=10)
+    b = build_training(cfg, torch.device("cpu"), total_steps=100, warmup_steps=10)
+    assert all(torch.equal(x, y) for x, y in zip(a.raw.state_dict().values(), b.raw.state_dict().values()))
+    assert a.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(0, 100, 10))
+    for _ in range(50):
+        a.scheduler.step()
+    a.set_total_steps(60)  # cert_sweep's budget fit: the cosine now ends at step 60
+    a.scheduler.step()
+    assert a.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * lr_factor(51, 60, 10))
+    assert a.step.total_steps == 60
+    assert a.scheduler.state_dict()["lr_lambdas"] == [None]  # no schedule copy in checkpoints
 
 
 def test_threads_per_worker():

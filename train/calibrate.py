@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lipdet.loss import hard_negatives, match_targets
+
 
 def learnt_temperature_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``[(tap, head)]`` of the class heads with a learnt temperature (``log_temperature``), map order."""
@@ -29,8 +31,6 @@ def learnt_temperature_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def pre_temperature_logits(model: nn.Module, dataset: Any, limit: int, batch_size: int = 64) -> tuple[Tensor, Tensor]:
     """``z (N, P, C)`` = logits / tau and the matched classes ``(N, P)`` of the first ``limit`` items."""
-    from lipdet.loss import match_targets
-
     was_training = model.training
     model.eval()
     device = model.priors.device
@@ -63,8 +63,6 @@ def fit_class_temperatures(
         ``{"before": [tau_k], "after": [tau_k], "nll_before", "nll_after", "images"}`` (map order;
         unchanged and ``"skipped"`` when no head has a learnt temperature).
     """
-    from lipdet.loss import hard_negatives
-
     heads = learnt_temperature_heads(model)
     before = [float(h.temperature()) for _, h in heads]
     if not heads:

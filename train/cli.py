@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 
 from lipdet.models.tinier_ssd import SLLOptions
-
 from lipdet.train.trainer import (
     DEFAULT_EPOCHS,
     EPOCHS_ENV,

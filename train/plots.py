@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
+from matplotlib.figure import Figure
+
 from lipdet.io import atomic_path
 
 
@@ -14,11 +17,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str 
     Left: training loss and its parts (loc, cls) per epoch. Right: validation map_50 (and map).
     An empty history still yields a (blank-axes) figure, so callers never special-case it.
     """
-    import matplotlib
-
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
     path = Path(path)
     epochs = [int(r["epoch"]) for r in history]
     fig = Figure(figsize=(10, 4), dpi=100)

@@ -4,8 +4,8 @@ Order of work in :func:`run_training`:
 
 1. :func:`plan_run` checks every option and the data *before* Ray starts (bad input is a one-line
    :class:`~lipdet.errors.LipdetError`, exit 2) and decides the run folder.
-2. :func:`ray_session` joins ``--address``/``RAY_ADDRESS`` or an already initialised Ray, or starts a
-   local cluster sized for the workers (and stops it afterwards).
+2. :func:`lipdet.cluster.ray_session` joins ``--address``/``RAY_ADDRESS`` or an already initialised
+   Ray, or starts a local cluster sized for the workers (and stops it afterwards).
 3. A ``TorchTrainer`` runs :func:`lipdet.train.loop.train_loop_per_worker` on N workers with
    ``FailureConfig(max_failures)`` and ``CheckpointConfig(num_to_keep)``; Ray's run storage is
    ``<out>/<name>`` (``RunConfig(storage_path=out, name=name)``), so re-running with the same
@@ -30,11 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+from tqdm import tqdm
+
+from lipdet.artifacts import save_checkpoint
 from lipdet.cluster import first_line as _first_line
 from lipdet.cluster import ray_session
+from lipdet.data.dataset import SVHNDetection, resolve_data
 from lipdet.errors import LipdetError
-from lipdet.io import write_text_atomic
-from lipdet.train.loop import PRECISIONS, LoopConfig
+from lipdet.io import write_bytes_atomic, write_text_atomic
+from lipdet.models import build_from_config
+from lipdet.models.config import ARCHS, ModelConfig
+from lipdet.models.tinier_ssd import resolve_options
+from lipdet.runs import mark_latest, new_run_name, runs_root
+from lipdet.train.calibrate import fit_class_temperatures, learnt_temperature_heads
+from lipdet.train.loop import evaluate, load_split, load_train_state, make_progress_sink, train_loop_per_worker
+from lipdet.train.plots import plot_curves
+from lipdet.train.recipe import PRECISIONS, LoopConfig
 
 DEFAULT_EPOCHS = 6
 """Epochs when neither ``--epochs`` nor ``$LIPDET_TRAIN_EPOCHS`` is given."""
@@ -188,7 +200,7 @@ class RunStorage:
         self.name = name
         self.remote = _is_uri(out)
         if self.remote:
-            import pyarrow.fs
+            import pyarrow.fs  # lazy: Ray's storage layer, heavy; only a remote --out needs it
 
             try:
                 self._fs, base = pyarrow.fs.FileSystem.from_uri(out)
@@ -207,7 +219,7 @@ class RunStorage:
     def exists(self, rel: str = "") -> bool:
         if self.local is not None:
             return (self.local / rel).exists() if rel else self.local.is_dir()
-        import pyarrow.fs
+        import pyarrow.fs  # lazy: Ray's storage layer, heavy; only a remote --out needs it
 
         path = f"{self._base}/{rel}" if rel else self._base
         return self._fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
@@ -223,8 +235,6 @@ class RunStorage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.local is not None:
             self.local.mkdir(parents=True, exist_ok=True)
-            from lipdet.io import write_bytes_atomic
-
             write_bytes_atomic(self.local / rel, data)
             return
         self._fs.create_dir(self._base, recursive=True)
@@ -276,25 +286,51 @@ def check_address(address: str, timeout: float = 3.0) -> None:
 
 def _cuda_visible() -> bool:
     try:
-        import torch
-
         return torch.cuda.is_available() and torch.cuda.device_count() > 0
     except Exception:  # noqa: BLE001
         return False
 
 
 def _resolve_data(data: Path | None) -> tuple[Path, bool]:
-    from lipdet.data.dataset import resolve_data
-
+    """``(resolved data folder, whether it is the embedded synthetic set)``; may generate that set."""
     root = Path(resolve_data(data)).resolve()
     return root, data is None
 
 
 def plan_run(opts: TrainOptions) -> RunPlan:
-    """Check every option and the data, decide names and folders. Raises LipdetError; starts no Ray."""
-    from lipdet.models.config import ARCHS
-    from lipdet.runs import new_run_name, runs_root
+    """Check every option and the data, decide names and folders. Raises LipdetError; starts no Ray.
 
+    Every option is checked before the data is resolved: resolving the default data may generate
+    the embedded synthetic SVHN, which a refused command must not do.
+    """
+    use_gpu = _validate_options(opts)
+    out = str(opts.out) if opts.out is not None else str(runs_root(None))
+    if opts.resume is not None:
+        storage, loop, previous = _plan_resume(opts, out, use_gpu)
+    else:
+        storage, loop = _plan_new(opts, out, use_gpu)
+        previous = []
+    data_root = Path(loop.data_root)
+    check_splits(data_root, loop.input_size)
+    run_dir = storage.local if storage.local is not None else runs_root(None) / storage.name
+    return RunPlan(
+        name=storage.name,
+        storage_path=storage.storage_path,
+        run_dir=run_dir,
+        remote=storage.remote,
+        workers=opts.workers,
+        use_gpu=use_gpu,
+        max_failures=opts.max_failures,
+        loop=loop,
+        data_root=data_root,
+        resumed=opts.resume is not None,
+        previous_history=previous,
+    )
+
+
+def _validate_options(opts: TrainOptions) -> bool | None:
+    """Refuse bad values, names, addresses and devices; returns ``use_gpu`` (None: the joined
+    cluster decides, once Ray is up)."""
     if opts.workers < 1:
         raise LipdetError(f"--workers must be >= 1, got {opts.workers}")
     if opts.epochs is not None and opts.epochs < 1:
@@ -327,120 +363,117 @@ def plan_run(opts: TrainOptions) -> RunPlan:
     use_gpu: bool | None = bool(opts.gpu) if opts.gpu is not None else (None if address else _cuda_visible())
     if opts.precision == "fp16" and use_gpu is False:
         raise LipdetError("--precision fp16 needs a GPU (use bf16 on the CPU)")
+    return use_gpu
 
-    out = str(opts.out) if opts.out is not None else str(runs_root(None))
-    epochs = opts.epochs
-    if opts.resume is not None:
-        storage = RunStorage(out, opts.resume)
-        saved_text = storage.read_text(RUN_FILE)
-        if saved_text is None:
-            raise LipdetError(f"no run named {opts.resume!r} to resume under {out}")
-        try:
-            saved = json.loads(saved_text)
-            loop = LoopConfig.from_dict(saved["loop"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LipdetError(f"{storage.describe()}/{RUN_FILE} is not a lipdet run description") from None
-        for label, given, before in (
-            ("--arch", opts.arch, loop.arch),
-            ("--width", opts.width, loop.width),
-            ("--seed", opts.seed, loop.seed),
-            ("--batch-size", opts.batch_size, loop.batch_size),
-            ("--lr", opts.lr, loop.lr),
-            ("--margin-eps", opts.margin_eps, loop.margin_eps),
-        ):
-            if given is not None and given != before:
-                raise LipdetError(
-                    f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
-                )
-        if opts.model_options and opts.model_options != {k: loop.model_options.get(k) for k in opts.model_options}:
-            raise LipdetError(f"--resume continues {opts.resume} as it was started: its --option values were "
-                              f"{loop.model_options or 'the defaults'}")
-        if opts.data is not None and Path(opts.data).resolve() != Path(loop.data_root):
-            raise LipdetError(f"--resume continues {opts.resume} on its own data ({loop.data_root}); drop --data")
-        data_root, synthetic = Path(loop.data_root), loop.synthetic
-        if synthetic:
-            data_root, _ = _resolve_data(None)
-        elif not data_root.is_dir():
-            raise LipdetError(f"the data of run {opts.resume} is gone: {data_root}")
-        done = _finished_epochs(storage)
-        if epochs is None:
-            epochs = loop.epochs
-        if done is not None and done >= epochs:
-            raise LipdetError(
-                f"run {opts.resume} already finished {done} epochs; pass --epochs N (N > {done}) to train it longer"
-            )
-        loop.epochs = epochs
-        loop.data_root = str(data_root)
-        loop.precision = opts.precision
-        loop.use_gpu = bool(use_gpu)
-        loop.threads = opts.threads
-        loop.fault = opts.fault
-        previous = _read_history(storage)
-        name = opts.resume
-    else:
-        arch = opts.arch or DEFAULTS["arch"]
-        width = opts.width if opts.width is not None else DEFAULTS["width"]
-        model_options = {**default_model_options(arch), **opts.model_options}
-        margin_eps = opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch)
-        _check_model_request(arch, width, model_options, margin_eps)
-        epochs = epochs if epochs is not None else default_epochs()
-        if opts.name is not None:
-            name = opts.name
-            storage = RunStorage(out, name)
-            if storage.exists():
-                raise LipdetError(
-                    f"a run named {name!r} already exists under {out}: continue it with --resume {name}, "
-                    "or pick another --name"
-                )
-        else:
-            local_root = Path(out) if not _is_uri(out) else runs_root(None)
-            name = new_run_name(opts.arch or DEFAULTS["arch"], local_root)
-            storage = RunStorage(out, name)
-        # only now, with every option accepted, may the embedded synthetic data be generated
-        data_root, synthetic = _resolve_data(opts.data)
-        loop = LoopConfig(
-            arch=arch,
-            width=width,
-            model_options=model_options,
-            data_root=str(data_root),
-            synthetic=synthetic,
-            epochs=epochs,
-            batch_size=opts.batch_size or DEFAULTS["batch_size"],
-            lr=opts.lr if opts.lr is not None else default_lr(opts.arch or DEFAULTS["arch"]),
-            seed=opts.seed if opts.seed is not None else DEFAULTS["seed"],
-            precision=opts.precision,
-            use_gpu=bool(use_gpu),
-            threads=opts.threads,
-            augment=opts.augment,
-            train_limit=opts.train_limit,
-            val_limit=opts.val_limit,
-            fault=opts.fault,
-            run_name=name,
-            margin_eps=margin_eps,
+
+def _plan_resume(opts: TrainOptions, out: str, use_gpu: bool | None
+                 ) -> tuple[RunStorage, LoopConfig, list[dict[str, Any]]]:
+    """The stopped run ``opts.resume`` under ``out``: its storage, its loop config updated with
+    this call's epochs/precision/device/threads, and the history it recorded."""
+    storage = RunStorage(out, opts.resume)
+    loop = _saved_loop(storage, opts.resume, out)
+    _check_unchanged(opts, loop)
+    if opts.data is not None and Path(opts.data).resolve() != Path(loop.data_root):
+        raise LipdetError(f"--resume continues {opts.resume} on its own data ({loop.data_root}); drop --data")
+    if not loop.synthetic and not Path(loop.data_root).is_dir():
+        raise LipdetError(f"the data of run {opts.resume} is gone: {loop.data_root}")
+    done = _finished_epochs(storage)
+    epochs = opts.epochs if opts.epochs is not None else loop.epochs
+    if done is not None and done >= epochs:
+        raise LipdetError(
+            f"run {opts.resume} already finished {done} epochs; pass --epochs N (N > {done}) to train it longer"
         )
-        previous = []
-    check_splits(data_root, loop.input_size)
-    run_dir = storage.local if storage.local is not None else runs_root(None) / name
-    return RunPlan(
-        name=name,
-        storage_path=storage.storage_path,
-        run_dir=run_dir,
-        remote=storage.remote,
-        workers=opts.workers,
-        use_gpu=use_gpu,
-        max_failures=opts.max_failures,
-        loop=loop,
-        data_root=data_root,
-        resumed=opts.resume is not None,
-        previous_history=previous,
+    # only now, with every option accepted, may the embedded synthetic data be (re)generated
+    data_root = _resolve_data(None)[0] if loop.synthetic else Path(loop.data_root)
+    loop.epochs = epochs
+    loop.data_root = str(data_root)
+    loop.precision = opts.precision
+    loop.use_gpu = bool(use_gpu)
+    loop.threads = opts.threads
+    loop.fault = opts.fault
+    return storage, loop, _read_history(storage)
+
+
+def _saved_loop(storage: RunStorage, name: str, out: str) -> LoopConfig:
+    """The loop config recorded in the run's ``train.json`` (run ``name`` under ``out``)."""
+    saved_text = storage.read_text(RUN_FILE)
+    if saved_text is None:
+        raise LipdetError(f"no run named {name!r} to resume under {out}")
+    try:
+        return LoopConfig.from_dict(json.loads(saved_text)["loop"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LipdetError(f"{storage.describe()}/{RUN_FILE} is not a lipdet run description") from None
+
+
+def _check_unchanged(opts: TrainOptions, loop: LoopConfig) -> None:
+    """A resumed run keeps the settings it was started with: refuse different ones."""
+    for label, given, before in (
+        ("--arch", opts.arch, loop.arch),
+        ("--width", opts.width, loop.width),
+        ("--seed", opts.seed, loop.seed),
+        ("--batch-size", opts.batch_size, loop.batch_size),
+        ("--lr", opts.lr, loop.lr),
+        ("--margin-eps", opts.margin_eps, loop.margin_eps),
+    ):
+        if given is not None and given != before:
+            raise LipdetError(
+                f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
+            )
+    if opts.model_options and opts.model_options != {k: loop.model_options.get(k) for k in opts.model_options}:
+        raise LipdetError(f"--resume continues {opts.resume} as it was started: its --option values were "
+                          f"{loop.model_options or 'the defaults'}")
+
+
+def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunStorage, LoopConfig]:
+    """A new run: its storage (a free name under ``out``) and its loop config, defaults filled in."""
+    arch = opts.arch or DEFAULTS["arch"]
+    width = opts.width if opts.width is not None else DEFAULTS["width"]
+    model_options = {**default_model_options(arch), **opts.model_options}
+    margin_eps = opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch)
+    _check_model_request(arch, width, model_options, margin_eps)
+    epochs = opts.epochs if opts.epochs is not None else default_epochs()
+    storage = _new_storage(opts, out, arch)
+    # only now, with every option accepted, may the embedded synthetic data be generated
+    data_root, synthetic = _resolve_data(opts.data)
+    loop = LoopConfig(
+        arch=arch,
+        width=width,
+        model_options=model_options,
+        data_root=str(data_root),
+        synthetic=synthetic,
+        epochs=epochs,
+        batch_size=opts.batch_size or DEFAULTS["batch_size"],
+        lr=opts.lr if opts.lr is not None else default_lr(arch),
+        seed=opts.seed if opts.seed is not None else DEFAULTS["seed"],
+        precision=opts.precision,
+        use_gpu=bool(use_gpu),
+        threads=opts.threads,
+        augment=opts.augment,
+        train_limit=opts.train_limit,
+        val_limit=opts.val_limit,
+        fault=opts.fault,
+        run_name=storage.name,
+        margin_eps=margin_eps,
     )
+    return storage, loop
+
+
+def _new_storage(opts: TrainOptions, out: str, arch: str) -> RunStorage:
+    """``--name`` (refused when taken) or a fresh ``<arch>-<date>-<time>`` under ``out``."""
+    if opts.name is None:
+        local_root = Path(out) if not _is_uri(out) else runs_root(None)
+        return RunStorage(out, new_run_name(arch, local_root))
+    storage = RunStorage(out, opts.name)
+    if storage.exists():
+        raise LipdetError(
+            f"a run named {opts.name!r} already exists under {out}: continue it with --resume {opts.name}, "
+            "or pick another --name"
+        )
+    return storage
 
 
 def _check_model_request(arch: str, width: float, model_options: dict[str, Any], margin_eps: float) -> None:
     """Refuse unknown widths/options and a margin the arch cannot certify (before any data is made)."""
-    from lipdet.models.config import ModelConfig
-    from lipdet.models.tinier_ssd import resolve_options
-
     resolve_options(ModelConfig(arch=arch, width=width, input_size=LoopConfig.input_size,
                                 options=dict(model_options)))
     if margin_eps < 0 or not math.isfinite(margin_eps):
@@ -451,8 +484,6 @@ def _check_model_request(arch: str, width: float, model_options: dict[str, Any],
 
 def check_splits(root: Path, input_size: int) -> None:
     """Read (and cache) both splits once here, so bad data fails before Ray and workers start warm."""
-    from lipdet.data.dataset import SVHNDetection
-
     for split in ("train", "test"):
         if not (root / split / "digitStruct.mat").is_file():
             role = "training" if split == "train" else "validation (map_50 each epoch)"
@@ -491,14 +522,15 @@ def _read_history(storage: RunStorage) -> list[dict[str, Any]]:
 
 
 def cluster_gpus() -> float:
-    import ray
+    """GPUs the joined Ray cluster declares."""
+    import ray  # lazy: Ray is heavy / optional
 
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def check_resources(workers: int, use_gpu: bool) -> None:
     """One-line error when the cluster can never fit the workers (instead of waiting forever)."""
-    import ray
+    import ray  # lazy: Ray is heavy / optional
 
     total = ray.cluster_resources()
     kind = "GPU" if use_gpu else "CPU"
@@ -563,7 +595,7 @@ class ProgressMonitor:
             self._poll()
 
     def _poll(self) -> None:
-        import ray
+        import ray  # lazy: Ray is heavy / optional
 
         try:
             events = ray.get(self.sink.drain.remote(), timeout=10)
@@ -599,10 +631,6 @@ class ProgressMonitor:
 
     def _step(self, ev: dict[str, Any]) -> None:
         if not self.show:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover
             return
         if self._bar is None or getattr(self._bar, "_lipdet_epoch", None) != ev["epoch"]:
             self._close_bar()
@@ -649,10 +677,9 @@ def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
 
 def build_trainer(plan: RunPlan, progress_sink: Any = None, train_fn: Callable | None = None):
     """The ``TorchTrainer`` for ``plan`` (exposed for the benchmark and tests)."""
+    # lazy: Ray is heavy / optional
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from lipdet.train.loop import train_loop_per_worker
 
     try:
         from ray.train import LoggingConfig
@@ -684,64 +711,12 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] | None = None) 
     plan = plan_run(opts)
     storage = RunStorage(plan.storage_path, plan.name)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    run_record = {
-        "name": plan.name,
-        "storage": storage.describe(),
-        "loop": {k: v for k, v in plan.loop.to_dict().items() if k != "fault"},
-        "workers": plan.workers,
-        "use_gpu": plan.use_gpu,
-    }
-    storage.write_bytes(RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True).encode())
-    if storage.remote:
-        write_text_atomic(plan.run_dir / RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True))
-    what = "resuming" if plan.resumed else "training"
-    say(
-        f"{what} {plan.loop.arch} (width {plan.loop.width:g}) for {plan.loop.epochs} epochs on "
-        f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
-        f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
-        f"{plan.loop.precision}, batch {plan.loop.batch_size}, "
-        f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)} -> {storage.describe()}"
-    )
+    _write_run_record(plan, storage)
+    say(_start_line(plan, storage))
     t0 = time.perf_counter()
     with ray_session(opts.address, plan.workers):
-        if plan.use_gpu is None:
-            plan.use_gpu = cluster_gpus() >= plan.workers
-            plan.loop.use_gpu = plan.use_gpu
-            if plan.loop.precision == "fp16" and not plan.use_gpu:
-                raise LipdetError("--precision fp16 needs a GPU and the Ray cluster has too few for the workers")
-        check_resources(plan.workers, plan.use_gpu)
-        from lipdet.train.loop import make_progress_sink
-
-        sink = make_progress_sink()
-        monitor = ProgressMonitor(
-            sink, plan.run_dir / METRICS_FILE, plan.loop.epochs, history=plan.previous_history,
-            show=opts.progress, write=say,
-        ).start()
-        trainer = build_trainer(plan, progress_sink=sink)
-        try:
-            result = trainer.fit()
-        except Exception as e:  # noqa: BLE001
-            from ray.train import TrainingFailedError
-
-            if isinstance(e, TrainingFailedError):
-                raise LipdetError(
-                    f"training failed ({_first_line(e)}); continue it with: lipdet train --resume {plan.name}"
-                    + (f" --out {opts.out}" if opts.out is not None else ""),
-                    exit_code=1,
-                ) from e
-            raise
-        finally:
-            monitor.stop()
-            with contextlib.suppress(Exception):
-                import ray
-
-                ray.kill(sink)
-        if result.checkpoint is None:
-            raise LipdetError(f"training of {plan.name} reported no checkpoint", exit_code=1)
-        with result.checkpoint.as_directory() as folder:
-            from lipdet.train.loop import load_train_state
-
-            state = load_train_state(folder)
+        _settle_devices(plan)
+        state = _fit(plan, opts, say)
     seconds = time.perf_counter() - t0
     if int(state["epoch"]) < plan.loop.epochs:
         raise LipdetError(
@@ -752,14 +727,75 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] | None = None) 
     return finish_run(plan, storage, state, seconds, say)
 
 
-def calibrate_run_model(plan: RunPlan, model: Any, say) -> dict[str, Any] | None:
+def _write_run_record(plan: RunPlan, storage: RunStorage) -> None:
+    """``train.json`` in the run folder (and its local copy when the run folder is remote)."""
+    run_record = {
+        "name": plan.name,
+        "storage": storage.describe(),
+        "loop": {k: v for k, v in plan.loop.to_dict().items() if k != "fault"},
+        "workers": plan.workers,
+        "use_gpu": plan.use_gpu,
+    }
+    storage.write_bytes(RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True).encode())
+    if storage.remote:
+        write_text_atomic(plan.run_dir / RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True))
+
+
+def _start_line(plan: RunPlan, storage: RunStorage) -> str:
+    """``training naive (width 1) for 6 epochs on synthetic SVHN: 2 worker(s), CPU, ... -> RUN``."""
+    what = "resuming" if plan.resumed else "training"
+    return (
+        f"{what} {plan.loop.arch} (width {plan.loop.width:g}) for {plan.loop.epochs} epochs on "
+        f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
+        f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
+        f"{plan.loop.precision}, batch {plan.loop.batch_size}, "
+        f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)} -> {storage.describe()}"
+    )
+
+
+def _settle_devices(plan: RunPlan) -> None:
+    """With Ray joined: decide GPU or CPU where the plan left it to the cluster, and check the
+    cluster can ever fit the workers."""
+    if plan.use_gpu is None:
+        plan.use_gpu = cluster_gpus() >= plan.workers
+        plan.loop.use_gpu = plan.use_gpu
+        if plan.loop.precision == "fp16" and not plan.use_gpu:
+            raise LipdetError("--precision fp16 needs a GPU and the Ray cluster has too few for the workers")
+    check_resources(plan.workers, plan.use_gpu)
+
+
+def _fit(plan: RunPlan, opts: TrainOptions, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run the ``TorchTrainer`` with live progress; returns the last checkpoint's training state."""
+    import ray  # lazy: Ray is heavy / optional
+    from ray.train import TrainingFailedError
+
+    sink = make_progress_sink()
+    monitor = ProgressMonitor(
+        sink, plan.run_dir / METRICS_FILE, plan.loop.epochs, history=plan.previous_history,
+        show=opts.progress, write=say,
+    ).start()
+    trainer = build_trainer(plan, progress_sink=sink)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise LipdetError(
+            f"training failed ({_first_line(e)}); continue it with: lipdet train --resume {plan.name}"
+            + (f" --out {opts.out}" if opts.out is not None else ""),
+            exit_code=1,
+        ) from e
+    finally:
+        monitor.stop()
+        with contextlib.suppress(Exception):
+            ray.kill(sink)
+    if result.checkpoint is None:
+        raise LipdetError(f"training of {plan.name} reported no checkpoint", exit_code=1)
+    with result.checkpoint.as_directory() as folder:
+        return load_train_state(folder)
+
+
+def calibrate_run_model(plan: RunPlan, model: Any, say: Callable[[str], None]) -> dict[str, Any] | None:
     """After margin training, refit the learnt class temperatures (:mod:`lipdet.train.calibrate`)
     on the run's training images and validate again; None when the run has nothing to calibrate."""
-    import torch
-
-    from lipdet.train.calibrate import fit_class_temperatures, learnt_temperature_heads
-    from lipdet.train.loop import evaluate, load_split
-
     if plan.loop.margin_eps <= 0 or not learnt_temperature_heads(model):
         return None
     loop = plan.loop
@@ -774,12 +810,6 @@ def calibrate_run_model(plan: RunPlan, model: Any, say) -> dict[str, Any] | None
 
 def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], seconds: float, say) -> TrainResult:
     """Write model.pt, metrics.jsonl and curves.png from the final checkpoint; mark the run latest."""
-    from lipdet.artifacts import save_checkpoint
-    from lipdet.models import build_from_config
-    from lipdet.models.config import ModelConfig
-    from lipdet.runs import mark_latest
-    from lipdet.train.plots import plot_curves
-
     history = [_jsonable(r) for r in state.get("history") or []]
     last = history[-1] if history else {}
     model = build_from_config(ModelConfig.from_dict(state["config"]))
