@@ -41,7 +41,7 @@ from lipdet.io import portable_path
 from lipdet.eval.attacks import ATTACK_LOSSES, AttackLoss, image_seed, pgd_l2, square_l2
 from lipdet.eval.certify import CERTIFIED_DEFINITION, AnchorBounds, certified_share, certify_image
 from lipdet.metrics import DetectionMAP
-from lipdet.parity import agreement
+from lipdet.parity import agreement, max_abs_per_image
 from lipdet.postprocess import PostprocessConfig, postprocess
 
 BLACKBOX_METHODS: tuple[str, ...] = ("square",)
@@ -220,13 +220,6 @@ class ImageRecord:
 
 def _split_dets(dets: list[Dets]) -> list[Dets]:
     return [{k: v.detach().cpu() for k, v in d.items()} for d in dets]
-
-
-def _max_diff(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
-    """Per image max |a - b| over loc and logits, ``(N,)``."""
-    dl = (a[0].float().cpu() - b[0].float().cpu()).abs().flatten(1).amax(dim=1)
-    dc = (a[1].float().cpu() - b[1].float().cpu()).abs().flatten(1).amax(dim=1)
-    return torch.maximum(dl, dc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +471,7 @@ class Evaluator:
         adv = res.adv.detach().float().cpu()
         eng = self.engine(adv)
         assert res.outputs is not None
-        return self.detect(eng), _max_diff(res.outputs, eng), res.loss, adv
+        return self.detect(eng), max_abs_per_image(res.outputs, eng), res.loss, adv
 
     def _run_pgd(self, b: "_Batch", records: list[ImageRecord]) -> None:
         """``--pgd`` at ``eps`` and every ``--eps-sweep`` radius into ``records`` (the same attack reused)."""
