@@ -28,6 +28,7 @@ import time
 import torch
 
 from lipdet.eval.attacks import AttackLoss, pgd_l2
+from lipdet.hardware import machine
 from lipdet.models import build_model, fold_model
 
 
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                     help="cpu = this process's CPU time (stable on a shared machine; auto: cpu on CPU, wall on GPU)")
     args = ap.parse_args()
+    print(machine().line())
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Callable
@@ -85,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-n", type=int, default=32, help="random images to calibrate int8 on (speed only)")
     args = p.parse_args(argv)
 
-    import onnxruntime as ort
+    from lipdet.hardware import machine
 
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
-          f"{os.cpu_count()} CPUs, width {args.width}, int8 flavour: {args.int8_target}")
+    print(machine().line())
+    print(f"{torch.get_num_threads()} torch threads, width {args.width}, int8 flavour: {args.int8_target}")
     cols = ("torch", "folded", "ort fp32", "ort int8")
     header = f"{'arch':<13} {'batch':>5} " + " ".join(f"{c:>10}" for c in cols) + f" {'fp32/torch':>10} {'int8/fp32':>9}"
     print("images/s")
