@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from lipdet.data.split import DEFAULT_VAL_FRACTION
 from lipdet.models.tinier_ssd import SLLOptions
 from lipdet.train.trainer import (
     DEFAULT_EPOCHS,
@@ -74,8 +75,20 @@ def command(
         "fp32", "--precision", "-p", help="fp32, bf16 (autocast + channels_last; Lipschitz normalisations stay fp32), "
         "or fp16 (GPU only)."
     ),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help="Share of the train split held out for validation (model selection and "
+        f"calibration never see the test split). (default: {DEFAULT_VAL_FRACTION}; with --resume: the run's own)",
+        show_default=False,
+    ),
+    val_count: Optional[int] = typer.Option(
+        None, "--val-count", help="Hold out exactly N train images for validation instead of --val-fraction.",
+        show_default=False,
+    ),
+    val_seed: Optional[int] = typer.Option(
+        None, "--val-seed", help="Seed of the choice of validation images. (default: 0)", show_default=False
+    ),
     val_limit: int = typer.Option(
-        0, "--val-limit", help="Validate on the first N test images only (0 = the whole test split).", hidden=True
+        0, "--val-limit", help="Validate on the first N validation images only (0 = all of them).", hidden=True
     ),
     threads: int = typer.Option(
         0, "--threads", help="Torch threads per worker (0 = cores // workers on the node).", hidden=True
@@ -96,7 +109,8 @@ def command(
     """Train a detector with Ray Train and write RUN/model.pt, metrics.jsonl and curves.png.
 
     Each epoch every worker trains on its shard of the train split, then the model is scored
-    (map_50) on the dataset's test split and checkpointed; a worker that dies is replaced and the
+    (map_50) on validation images held out of the train split (--val-fraction, seeded by
+    --val-seed; the test split is left for lipdet eval) and checkpointed; a worker that dies is replaced and the
     run continues from the last checkpoint. The run folder is --out/NAME; it becomes the latest run,
     which `lipdet export` picks up.
 
@@ -135,6 +149,9 @@ def command(
             precision=precision,
             threads=threads,
             val_limit=val_limit,
+            val_fraction=val_fraction,
+            val_count=val_count,
+            val_seed=val_seed,
             augment=augment,
             fault=os.environ.get(FAULT_ENV) or None,
             progress=progress,

@@ -2,17 +2,19 @@
 
 One call of :func:`train_loop_per_worker` is one attempt of a training run on one worker:
 
-* :func:`setup_worker`: its shard of the train split through a seeded ``DistributedSampler``
-  (``set_epoch`` each epoch), the loader through ``ray.train.torch.prepare_data_loader`` (device
-  placement), and the recipe (:func:`lipdet.train.recipe.build_training`) with the model wrapped for
-  DDP by ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU);
+* :func:`setup_worker`: its shard of the training images (the train split less the validation
+  images of :class:`lipdet.data.split.ValSplit`, :func:`load_parts`) through a seeded
+  ``DistributedSampler`` (``set_epoch`` each epoch), the loader through
+  ``ray.train.torch.prepare_data_loader`` (device placement), and the recipe
+  (:func:`lipdet.train.recipe.build_training`) with the model wrapped for DDP by
+  ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU);
 * :func:`restore_checkpoint`: if Ray Train hands it a checkpoint (``ray.train.get_checkpoint()``: a
   worker died and the group was restarted, or ``lipdet train --resume``) it restores model,
   optimizer, scheduler and history and continues after the checkpoint's epoch;
-* each epoch :func:`train_epoch`, then :func:`evaluate` (map_50 on the validation split: every rank
-  predicts its slice, rank 0 gathers the predictions and computes the metric), then
-  :func:`report_epoch`: every rank calls ``ray.train.report`` -- a barrier -- with rank 0 alone
-  attaching a checkpoint.
+* each epoch :func:`train_epoch`, then :func:`evaluate` (map_50 on the validation images held out
+  of the train split, never the test split: every rank predicts its slice, rank 0 gathers the
+  predictions and computes the metric), then :func:`report_epoch`: every rank calls
+  ``ray.train.report`` -- a barrier -- with rank 0 alone attaching a checkpoint.
 
 A checkpoint is a folder holding :data:`STATE_FILE`, a ``torch.save`` of plain dicts and tensors that
 ``torch.load(weights_only=True)`` accepts (see :func:`load_train_state`).
@@ -38,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lipdet.cluster import local_cores
-from lipdet.data.dataset import SVHNDetection, resolve_data
+from lipdet.data.dataset import SVHNDetection, carve_validation, resolve_data
 from lipdet.metrics import DetectionMAP, detections_of
 from lipdet.train.recipe import (
     LOG_TEMPERATURE_CAP,
@@ -115,17 +117,40 @@ def collate(batch):
     return images, [{"boxes": b[1]["boxes"], "labels": b[1]["labels"]} for b in batch]
 
 
-def load_split(cfg: LoopConfig, split: str, limit: int = 0) -> torch.utils.data.Dataset:
-    """The ``split`` of the run's dataset (``limit`` > 0 keeps its first ``limit`` images)."""
+PARTS: tuple[str, ...] = ("train", "val")
+"""What a run reads of its data: the train split's training images and its validation images."""
+
+
+def load_parts(cfg: LoopConfig) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
+    """``(training images, validation images)`` of the run's train split, by ``cfg.validation``
+    (:func:`lipdet.data.dataset.carve_validation`: disjoint, the same on every worker). The test
+    split is never read here."""
     root = Path(cfg.data_root)
     if cfg.synthetic and not root.is_dir():
         # Another node of the cluster: make the embedded synthetic set in this node's cache.
         root = resolve_data(None)
     # The dataset keeps its crops in memory (uint8) and caches them on disk: items are cheap.
-    base = SVHNDetection(root, split=split, input_size=cfg.input_size, seed=0)
-    if 0 < limit < len(base):
-        return torch.utils.data.Subset(base, range(limit))
-    return base
+    base = SVHNDetection(root, split="train", input_size=cfg.input_size, seed=0)
+    return carve_validation(base, cfg.validation)
+
+
+def first(dataset: torch.utils.data.Dataset, limit: int) -> torch.utils.data.Dataset:
+    """The first ``limit`` items of ``dataset`` (all of it when ``limit`` <= 0)."""
+    return torch.utils.data.Subset(dataset, range(limit)) if 0 < limit < len(dataset) else dataset
+
+
+def load_split(cfg: LoopConfig, part: str, limit: int = 0) -> torch.utils.data.Dataset:
+    """One part (``"train"`` or ``"val"``, see :func:`load_parts`) of the run's data, its first
+    ``limit`` images when ``limit`` > 0."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS} (a run never reads the test split), got {part!r}")
+    return first(load_parts(cfg)[PARTS.index(part)], limit)
+
+
+def validation_record(cfg: LoopConfig) -> dict[str, Any]:
+    """The run's validation split as a checkpoint records it (:meth:`lipdet.data.split.ValSplit.record`)."""
+    base = SVHNDetection(Path(cfg.data_root), split="train", input_size=cfg.input_size, seed=0)
+    return cfg.validation.record([r.name for r in base.records])
 
 
 def augment_batch(images: Tensor, targets: list[dict[str, Tensor]], gen: torch.Generator) -> tuple[Tensor, list]:
@@ -259,6 +284,7 @@ class Worker:
     loader: Any  # the prepared DataLoader: batches on ``device``
     per_worker: int  # this rank's batch
     training: Training
+    validation: str  # "validation (N images held out of train, seed S)": metrics and curves say it
 
     @property
     def steps_per_epoch(self) -> int:
@@ -287,6 +313,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=str(worker.device),
         train_images=len(worker.train_ds),
         val_images=len(worker.val_ds),
+        validation=worker.validation,
     )
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         _maybe_fault(cfg.fault, epoch, worker.rank)
@@ -312,17 +339,18 @@ def setup_worker(cfg: LoopConfig, progress_sink: Any = None) -> Worker:
     threads = cfg.threads or default_threads(max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
-    train_ds = load_split(cfg, "train", cfg.train_limit)
-    val_ds = load_split(cfg, "test", cfg.val_limit)
+    train_all, val_all = load_parts(cfg)
+    train_ds, val_ds = first(train_all, cfg.train_limit), first(val_all, cfg.val_limit)
     if len(train_ds) == 0:
-        raise RuntimeError("the train split is empty")
+        raise RuntimeError("no training images (the train split less the validation images)")
     loader, sampler, per_worker = make_train_loader(train_ds, cfg, rank, world)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     training = build_training(cfg, device, total_steps=max(1, len(loader) * cfg.epochs),
                               wrap=ray.train.torch.prepare_model)
     return Worker(cfg=cfg, rank=rank, world=world, threads=threads, device=device,
                   emit=_Emitter(progress_sink, enabled=rank == 0), train_ds=train_ds, val_ds=val_ds,
-                  sampler=sampler, loader=loader, per_worker=per_worker, training=training)
+                  sampler=sampler, loader=loader, per_worker=per_worker, training=training,
+                  validation=cfg.validation.describe(len(val_all), len(val_ds)))
 
 
 def restore_checkpoint(training: Training) -> tuple[int, list[dict[str, Any]], int | None]:
@@ -399,6 +427,7 @@ def epoch_metrics(worker: Worker, epoch: int, train: dict[str, float], val: dict
         "lr": float(worker.training.scheduler.get_last_lr()[0]),
         "val_map_50": val["map_50"],
         "val_map": val["map"],
+        "validation": worker.validation,
         "images_per_s": train["images_per_s"],
         "train_time_s": train["train_time_s"],
         "val_time_s": val_time,
@@ -514,6 +543,7 @@ def default_threads(workers_on_node: int, cores: int | None = None) -> int:
 __all__: list[str] = [
     "LOG_TEMPERATURE_CAP",
     "LoopConfig",
+    "PARTS",
     "PRECISIONS",
     "ProgressSink",
     "STATE_FILE",
@@ -523,6 +553,8 @@ __all__: list[str] = [
     "collate",
     "default_threads",
     "evaluate",
+    "first",
+    "load_parts",
     "load_split",
     "load_train_state",
     "lr_factor",
@@ -532,4 +564,5 @@ __all__: list[str] = [
     "save_train_state",
     "train_loop_per_worker",
     "train_margin",
+    "validation_record",
 ]

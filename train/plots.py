@@ -14,8 +14,10 @@ from lipdet.io import atomic_path
 def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Draw ``history`` (one dict per epoch, as in ``metrics.jsonl``) into ``path`` (PNG, atomically).
 
-    Left: training loss and its parts (loc, cls) per epoch. Right: validation map_50 (and map).
-    An empty history still yields a (blank-axes) figure, so callers never special-case it.
+    Left: training loss and its parts (loc, cls) per epoch. Right: validation map_50 (and map),
+    titled with the last record's ``validation`` (``"validation (400 images held out of train, seed
+    0)"``: the images the run validated on). An empty history still yields a (blank-axes) figure,
+    so callers never special-case it.
     """
     matplotlib.use("Agg", force=False)
     path = Path(path)
@@ -37,7 +39,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str 
     ax_map.set_xlabel("epoch")
     ax_map.set_ylabel("validation mAP")
     ax_map.set_ylim(0.0, 1.0)
-    ax_map.set_title("validation (test split)")
+    ax_map.set_title(str(history[-1].get("validation") or "validation") if history else "validation")
     ax_map.grid(alpha=0.3)
     for ax in (ax_loss, ax_map):
         if ax.get_legend_handles_labels()[0]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lipdet.data.split import ValSplit
 from lipdet.loss import MultiBoxLoss, lipschitz_margin
 from lipdet.models import build_model
 from lipdet.train.calibrate import learnt_temperature_heads
@@ -38,7 +39,8 @@ class LoopConfig:
     """Everything a worker needs, as plain JSON-able values (it travels in ``train_loop_config``).
 
     ``batch_size`` is the global batch: each of the N workers takes ``batch_size // N`` per step, so
-    the optimisation does not change with the worker count.
+    the optimisation does not change with the worker count. The run trains on the train split less
+    the validation images of ``val_split`` and validates on those; it never reads the test split.
     """
 
     arch: str = "naive"
@@ -58,8 +60,9 @@ class LoopConfig:
     use_gpu: bool = False
     threads: int = 0  # torch threads per worker; 0 = cpu_count // workers on this node
     augment: bool = True
-    train_limit: int = 0  # 0 = the whole train split
-    val_limit: int = 0  # 0 = the whole validation (test) split
+    train_limit: int = 0  # 0 = every training image (the train split less the validation images)
+    val_limit: int = 0  # 0 = every validation image
+    val_split: dict[str, Any] = field(default_factory=lambda: ValSplit().to_dict())  # ValSplit.to_dict()
     progress_every_s: float = 1.0
     fault: str | None = None  # test hook "EPOCH:RANK:MARKER": SIGKILL once at that epoch's start
     run_name: str = ""
@@ -75,6 +78,11 @@ class LoopConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def validation(self) -> ValSplit:
+        """The validation images held out of the train split (:class:`lipdet.data.split.ValSplit`)."""
+        return ValSplit.from_dict(self.val_split)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

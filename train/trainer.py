@@ -37,6 +37,9 @@ from lipdet.artifacts import save_checkpoint
 from lipdet.cluster import first_line as _first_line
 from lipdet.cluster import ray_session
 from lipdet.data.dataset import SVHNDetection, resolve_data
+from lipdet.data.digitstruct import count_records
+from lipdet.data.split import ValSplit
+from lipdet.data.synth import synth_sizes
 from lipdet.errors import LipdetError
 from lipdet.io import write_bytes_atomic, write_text_atomic
 from lipdet.models import build_from_config
@@ -44,7 +47,14 @@ from lipdet.models.config import ARCHS, ModelConfig
 from lipdet.models.tinier_ssd import resolve_options
 from lipdet.runs import mark_latest, new_run_name, runs_root
 from lipdet.train.calibrate import fit_class_temperatures, learnt_temperature_heads
-from lipdet.train.loop import evaluate, load_split, load_train_state, make_progress_sink, train_loop_per_worker
+from lipdet.train.loop import (
+    evaluate,
+    load_split,
+    load_train_state,
+    make_progress_sink,
+    train_loop_per_worker,
+    validation_record,
+)
 from lipdet.train.plots import plot_curves
 from lipdet.train.recipe import PRECISIONS, LoopConfig
 
@@ -155,6 +165,22 @@ class TrainOptions:
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)
     margin_eps: float | None = None
+    val_fraction: float | None = None
+    val_count: int | None = None
+    val_seed: int | None = None
+
+    def val_split(self) -> ValSplit | None:
+        """The validation split asked for (None: nothing asked, the default or the run's own)."""
+        if self.val_fraction is None and self.val_count is None and self.val_seed is None:
+            return None
+        if self.val_count is not None and self.val_fraction is not None:
+            raise LipdetError("give --val-fraction or --val-count, not both")
+        if self.val_count is not None and self.val_count < 1:
+            raise LipdetError(f"--val-count must be >= 1, got {self.val_count}")
+        default = ValSplit()
+        return ValSplit(seed=default.seed if self.val_seed is None else self.val_seed,
+                        fraction=default.fraction if self.val_fraction is None else self.val_fraction,
+                        count=self.val_count or 0).check()
 
 
 @dataclass
@@ -172,6 +198,7 @@ class RunPlan:
     data_root: Path
     resumed: bool
     previous_history: list[dict[str, Any]] = field(default_factory=list)
+    val_images: int = 0  # validation images held out of the train split
 
 
 @dataclass
@@ -311,7 +338,7 @@ def plan_run(opts: TrainOptions) -> RunPlan:
         storage, loop = _plan_new(opts, out, use_gpu)
         previous = []
     data_root = Path(loop.data_root)
-    check_splits(data_root, loop.input_size)
+    val_images = check_splits(data_root, loop.input_size, loop.validation)
     run_dir = storage.local if storage.local is not None else runs_root(None) / storage.name
     return RunPlan(
         name=storage.name,
@@ -325,6 +352,7 @@ def plan_run(opts: TrainOptions) -> RunPlan:
         data_root=data_root,
         resumed=opts.resume is not None,
         previous_history=previous,
+        val_images=val_images,
     )
 
 
@@ -363,6 +391,7 @@ def _validate_options(opts: TrainOptions) -> bool | None:
     use_gpu: bool | None = bool(opts.gpu) if opts.gpu is not None else (None if address else _cuda_visible())
     if opts.precision == "fp16" and use_gpu is False:
         raise LipdetError("--precision fp16 needs a GPU (use bf16 on the CPU)")
+    opts.val_split()  # refuses bad --val-* values
     return use_gpu
 
 
@@ -419,6 +448,10 @@ def _check_unchanged(opts: TrainOptions, loop: LoopConfig) -> None:
             raise LipdetError(
                 f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
             )
+    asked = opts.val_split()
+    if asked is not None and asked != loop.validation:
+        raise LipdetError(f"--resume continues {opts.resume} on its own validation split "
+                          f"({_split_options(loop.validation)}); drop the --val-* options")
     if opts.model_options and opts.model_options != {k: loop.model_options.get(k) for k in opts.model_options}:
         raise LipdetError(f"--resume continues {opts.resume} as it was started: its --option values were "
                           f"{loop.model_options or 'the defaults'}")
@@ -433,6 +466,8 @@ def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunSt
     _check_model_request(arch, width, model_options, margin_eps)
     epochs = opts.epochs if opts.epochs is not None else default_epochs()
     storage = _new_storage(opts, out, arch)
+    val_split = opts.val_split() or ValSplit()
+    val_split.size(_train_records(opts.data))  # refuses a split that leaves nothing to train on
     # only now, with every option accepted, may the embedded synthetic data be generated
     data_root, synthetic = _resolve_data(opts.data)
     loop = LoopConfig(
@@ -451,6 +486,7 @@ def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunSt
         augment=opts.augment,
         train_limit=opts.train_limit,
         val_limit=opts.val_limit,
+        val_split=val_split.to_dict(),
         fault=opts.fault,
         run_name=storage.name,
         margin_eps=margin_eps,
@@ -482,16 +518,36 @@ def _check_model_request(arch: str, width: float, model_options: dict[str, Any],
         raise LipdetError("--margin-eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
 
 
-def check_splits(root: Path, input_size: int) -> None:
-    """Read (and cache) both splits once here, so bad data fails before Ray and workers start warm."""
+def _split_options(split: ValSplit) -> str:
+    """``"--val-fraction 0.1 --val-seed 0"`` (or ``--val-count N``): a split as the options that make it."""
+    size = f"--val-count {split.count}" if split.count > 0 else f"--val-fraction {split.fraction:g}"
+    return f"{size} --val-seed {split.seed}"
+
+
+def _train_records(data: Path | None) -> int:
+    """Images in the train split of ``data`` (None: the embedded synthetic set, made or not yet)
+    without preparing any: an upper bound on the usable ones, known before any data is generated."""
+    if data is None:
+        return synth_sizes()[0]
+    mat = Path(data) / "train" / "digitStruct.mat"
+    if not mat.is_file():
+        resolve_data(Path(data))  # the folder's own refusal (missing, not SVHN)
+        raise LipdetError(f"{data} has no train/digitStruct.mat: lipdet train needs it for training")
+    return count_records(mat)
+
+
+def check_splits(root: Path, input_size: int, val_split: ValSplit) -> int:
+    """Read (and cache) the train split once here, so bad data fails before Ray and workers start
+    warm; returns the validation images ``val_split`` holds out of it. The test split must exist
+    (for ``lipdet eval``'s final table) but is not read: training never looks at it."""
     for split in ("train", "test"):
         if not (root / split / "digitStruct.mat").is_file():
-            role = "training" if split == "train" else "validation (map_50 each epoch)"
+            role = "training and validation" if split == "train" else "the final evaluation (lipdet eval)"
             raise LipdetError(f"{root} has no {split}/digitStruct.mat: lipdet train needs it for {role}")
-        ds = SVHNDetection(root, split=split, input_size=input_size, seed=0)
-        if len(ds) == 0:
-            raise LipdetError(f"{root / split}: no usable images")
-        del ds
+    ds = SVHNDetection(root, split="train", input_size=input_size, seed=0)
+    if len(ds) == 0:
+        raise LipdetError(f"{root / 'train'}: no usable images")
+    return val_split.size(len(ds))
 
 
 def _finished_epochs(storage: RunStorage) -> int | None:
@@ -614,7 +670,7 @@ class ProgressMonitor:
             self._write_metrics()
             msg = (
                 f"{ev.get('world_size')} worker(s) on {ev.get('device')}, {ev.get('threads')} torch thread(s) each; "
-                f"{ev.get('train_images')} train / {ev.get('val_images')} val images, "
+                f"{ev.get('train_images')} train images, {ev.get('validation') or 'validation'}, "
                 f"{ev.get('steps_per_epoch')} steps per epoch"
             )
             if ev.get("resumed_from") is not None:
@@ -749,7 +805,8 @@ def _start_line(plan: RunPlan, storage: RunStorage) -> str:
         f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
         f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
         f"{plan.loop.precision}, batch {plan.loop.batch_size}, "
-        f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)} -> {storage.describe()}"
+        f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)}; "
+        f"{plan.loop.validation.describe(plan.val_images)} -> {storage.describe()}"
     )
 
 
@@ -800,7 +857,7 @@ def calibrate_run_model(plan: RunPlan, model: Any, say: Callable[[str], None]) -
         return None
     loop = plan.loop
     report = fit_class_temperatures(model, load_split(loop, "train", loop.train_limit))
-    val = evaluate(model, load_split(loop, "test", loop.val_limit), loop, torch.device("cpu"), model.priors)
+    val = evaluate(model, load_split(loop, "val", loop.val_limit), loop, torch.device("cpu"), model.priors)
     report["val_map_50"], report["val_map"] = val["map_50"], val["map"]
     say("calibrated the class temperatures (scores only: certified radii do not depend on them): "
         + ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in zip(report["before"], report["after"]))
@@ -820,7 +877,8 @@ def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], second
         "run": plan.name,
         "arch": plan.loop.arch,
         "width": plan.loop.width,
-        "data": {"root": str(plan.data_root), "synthetic": bool(plan.loop.synthetic)},
+        "data": {"root": str(plan.data_root), "synthetic": bool(plan.loop.synthetic),
+                 "val": validation_record(plan.loop)},
         "epochs": int(state["epoch"]),
         "metrics": last,
         "train": {
@@ -834,8 +892,7 @@ def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], second
             "storage": storage.describe(),
             "seconds": round(seconds, 1),
         },
-        "validation": "the dataset's test split"
-        + (f" (first {plan.loop.val_limit} images)" if plan.loop.val_limit else ""),
+        "validation": last.get("validation") or plan.loop.validation.describe(plan.val_images),
     }
     final = last
     if calibration:

@@ -2,6 +2,7 @@
 
 Modules: :mod:`~lipdet.data.digitstruct` (``digitStruct.mat``), :mod:`~lipdet.data.synth`
 (synthetic house numbers), :mod:`~lipdet.data.dataset` (:class:`SVHNDetection`),
+:mod:`~lipdet.data.split` (:class:`ValSplit`, the validation images held out of train),
 :mod:`~lipdet.data.show` (box drawing), :mod:`~lipdet.data.fetch` (official archives),
 :mod:`~lipdet.data.cli` (``lipdet data``). Names below are imported lazily, so that
 ``import lipdet.data`` does not pull in torch.
@@ -21,6 +22,8 @@ _EXPORTS = {
     "SVHNDetection": "dataset",
     "detection_collate": "dataset",
     "resolve_data": "dataset",
+    "carve_validation": "dataset",
+    "ValSplit": "split",
     "boxes_from_crop": "dataset",
     "draw_detections": "show",
     "draw_grid": "show",
@@ -30,7 +33,9 @@ _EXPORTS = {
 __all__ = [
     "Record",
     "SVHNDetection",
+    "ValSplit",
     "boxes_from_crop",
+    "carve_validation",
     "detection_collate",
     "draw_detections",
     "draw_grid",

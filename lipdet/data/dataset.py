@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lipdet.data.digitstruct import Record, read_digitstruct
+from lipdet.data.split import ValSplit
 from lipdet.errors import LipdetError
 from lipdet.io import atomic_path, cache_dir
 
@@ -44,6 +45,7 @@ __all__ = [
     "SVHNDetection",
     "boxes_from_crop",
     "boxes_to_crop",
+    "carve_validation",
     "detection_collate",
     "resolve_data",
     "square_crop",
@@ -366,6 +368,13 @@ def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[T
     """Stack images to ``(N, 3, S, S)``; keep the targets (variable numbers of boxes) as a list."""
     images = torch.stack([img for img, _ in batch])
     return images, [t for _, t in batch]
+
+
+def carve_validation(base: SVHNDetection, split: ValSplit) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
+    """``(train part, validation part)`` of the train split ``base``, by ``split``'s rule on the image
+    names (:meth:`ValSplit.parts`): disjoint, together every usable image of ``base``."""
+    train, val = split.parts([r.name for r in base.records])
+    return torch.utils.data.Subset(base, train), torch.utils.data.Subset(base, val)
 
 
 def resolve_data(data: Path | None) -> Path:

@@ -26,7 +26,7 @@ from h5py import h5d, h5g, h5o, h5p, h5r, h5s, h5t
 from lipdet.errors import LipdetError
 from lipdet.io import atomic_path
 
-__all__ = ["Record", "read_digitstruct", "write_digitstruct"]
+__all__ = ["Record", "count_records", "read_digitstruct", "write_digitstruct"]
 
 _FIELDS = ("label", "left", "top", "width", "height")
 
@@ -170,6 +170,25 @@ def read_digitstruct(path: str | Path) -> list[Record]:
         raise
     except (KeyError, ValueError, TypeError, IndexError, OSError, RuntimeError, AttributeError) as exc:
         raise LipdetError(f"{path}: corrupt digitStruct.mat ({_short(exc)})") from None
+
+
+def count_records(path: str | Path) -> int:
+    """The number of records (images) in an SVHN ``digitStruct.mat``, without reading them.
+
+    Cheap (one HDF5 shape), so a request can be checked against a split's size before any crop is
+    made; :class:`lipdet.data.dataset.SVHNDetection` may still drop records with unusable boxes.
+
+    Raises:
+        LipdetError: the file is missing, is not HDF5, or lacks the digitStruct layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LipdetError(f"{path}: digitStruct.mat not found")
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["digitStruct"]["name"].size)
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise LipdetError(f"{path}: not a readable digitStruct.mat ({_short(exc)})") from None
 
 
 def _short(exc: BaseException) -> str:
