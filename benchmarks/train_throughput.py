@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Training throughput: a plain PyTorch loop vs Ray Train (1 and 2 workers), fp32 vs bf16.
 
-Same model, same data (the first ``--images`` crops of the synthetic SVHN train split, or
-``--data``), same global batch, no augmentation. Images/s counts training steps only:
+Same model, same data (the first ``--images`` training crops -- the train split less the validation
+images, as ``lipdet train`` trains -- of the synthetic SVHN or ``--data``), same global batch, no
+augmentation. Images/s counts training steps only:
 
 * plain: one process, ``torch.set_num_threads(cores)``, a minimal hand-written loop over the Ray
   workers' recipe (:func:`lipdet.train.recipe.build_training`: model, fused Adam, MultiBox loss),
@@ -52,17 +53,17 @@ import torch  # noqa: E402
 
 from lipdet.cluster import local_cores as cores  # noqa: E402
 from lipdet.cluster import ray_session  # noqa: E402
-from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data  # noqa: E402
-from lipdet.train.loop import load_train_state  # noqa: E402
+from lipdet.data.dataset import detection_collate, resolve_data  # noqa: E402
+from lipdet.train.loop import load_split, load_train_state  # noqa: E402
 from lipdet.train.recipe import LoopConfig, Training, build_training  # noqa: E402
 from lipdet.train.trainer import RunPlan, build_trainer  # noqa: E402
 
 
 def dataset(args):
+    """The data folder and the first ``--images`` training crops (the train split less the
+    validation images, as ``lipdet train`` trains on them)."""
     root = Path(resolve_data(args.data)).resolve()
-    base = SVHNDetection(root, split="train", input_size=74, seed=0)
-    n = min(args.images, len(base))
-    return root, torch.utils.data.Subset(base, range(n))
+    return root, load_split(LoopConfig(data_root=str(root), synthetic=False), "train", args.images)
 
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer")

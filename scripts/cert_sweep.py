@@ -3,16 +3,19 @@
 
 Each variant trains in its own process (they share one GPU well: the model is small and the steps
 are launch-bound) with :func:`lipdet.train.recipe.build_training` -- the model, loss, optimiser and
-step that ``lipdet train`` builds on every Ray worker -- on the built-in synthetic SVHN (4000 train
-crops, batch 32, augmentation, Adam at the arch's lr, one epoch of warm-up then cosine, the arch's
+step that ``lipdet train`` builds on every Ray worker -- on the built-in synthetic SVHN (its 4000 train
+crops less the 400 validation crops of ``lipdet train``'s default :class:`lipdet.data.split.ValSplit`;
+batch 32, augmentation, Adam at the arch's lr, one epoch of warm-up then cosine, the arch's
 training defaults plus the variant's changes). It trains against a time budget: the first epoch is
 timed and the epoch count set so the run fits ``--budget-s`` (at most ``--max-epochs``); schedule
 and margin ramp follow that count.
 
-Every ``--eval-every`` epochs and at the end: validation map_50 on the test split; at the end, the
-certificate of :mod:`lipdet.eval.certify` on the parametrised model (certified share of test digits
-at several radii, radius quantiles). Writes ``OUT/NAME.pt`` (a lipdet checkpoint: ``lipdet export``
-takes it, so the deployed artifact can be certified again) and ``OUT/sweep.json``.
+Every ``--eval-every`` epochs and at the end: validation map_50 on the validation images; at the end,
+the certificate of :mod:`lipdet.eval.certify` on the parametrised model (certified share of the
+validation digits at several radii, radius quantiles). The sweep picks variants, so it never looks at
+the test split: the final numbers come from ``lipdet experiment`` / ``lipdet eval`` on the test
+split. Writes ``OUT/NAME.pt`` (a lipdet checkpoint: ``lipdet export`` takes it, so the deployed
+artifact can be certified again) and ``OUT/sweep.json``.
 
 This is the experiment harness behind docs/results/beat-the-seed.md, not part of the toolchain:
 ``lipdet train --arch sll-spectral --epochs E -O KEY=VALUE --margin-eps M`` trains the same variant
@@ -40,7 +43,7 @@ from lipdet.data.dataset import resolve_data
 from lipdet.eval.certify import AnchorBounds, certified_share, certify_image
 from lipdet.models.lipschitz import head_bounds
 from lipdet.postprocess import postprocess
-from lipdet.train.loop import augment_batch, evaluate, load_split
+from lipdet.train.loop import augment_batch, evaluate, load_split, validation_record
 from lipdet.train.recipe import LoopConfig, build_training
 from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
 
@@ -103,7 +106,7 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
                 limit: int = 0) -> dict:
     t_start = time.perf_counter()
     cfg = loop_config(VARIANTS[name], device.type == "cuda")
-    train_ds, val_ds = load_split(cfg, "train", limit), load_split(cfg, "test", limit // 4)
+    train_ds, val_ds = load_split(cfg, "train", limit), load_split(cfg, "val", limit // 4)
     images = torch.stack([train_ds[i][0] for i in range(len(train_ds))]).to(device)
     targets = [{k: train_ds[i][1][k].to(device) for k in ("boxes", "labels")} for i in range(len(train_ds))]
     spe = len(train_ds) // cfg.batch_size
@@ -143,8 +146,8 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
     result["val_map_50"] = history[-1].get("val_map_50")
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     meta = {"run": f"sweep-{name}", "arch": cfg.arch, "width": cfg.width,
-            "data": {"root": cfg.data_root, "synthetic": True}, "epochs": plan["epochs"],
-            "metrics": history[-1], "train": {"by": "scripts/cert_sweep.py", **cfg.to_dict()}}
+            "data": {"root": cfg.data_root, "synthetic": True, "val": validation_record(cfg)},
+            "epochs": plan["epochs"], "metrics": history[-1], "train": {"by": "scripts/cert_sweep.py", **cfg.to_dict()}}
     save_checkpoint(out / f"{name}.pt", model, meta)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(f"[{name}] done: {json.dumps(result['certificate'])}", flush=True)
@@ -159,7 +162,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget per variant (all run at once)")
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--limit", type=int, default=0, help="train images (test: a quarter); 0 = all (dry runs)")
+    ap.add_argument("--limit", type=int, default=0, help="train images (validation: a quarter); 0 = all (dry runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per variant process")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant here
     args = ap.parse_args()
@@ -174,8 +177,7 @@ def main() -> None:
         run_variant(args.one, args.out, torch.device(args.device), args.budget_s, args.max_epochs, args.eval_every, args.limit)
         return
     cfg = loop_config({}, False)
-    for split in ("train", "test"):  # synthesise the data and build the crop caches once, before the variants start
-        load_split(cfg, split)
+    load_split(cfg, "train")  # synthesise the data and build the crop cache once, before the variants start
     procs = {}
     for name in names:
         cmd = [sys.executable, __file__, "--out", str(args.out), "--variants", name, "--one", name,

@@ -69,7 +69,8 @@ def sync(device: torch.device) -> None:
 
 
 def batches(n_batches: int, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, list[dict]]]:
-    """The first ``n_batches * batch_size`` synthetic SVHN train crops, as device batches."""
+    """The first ``n_batches * batch_size`` synthetic SVHN training crops (the validation images held
+    out, as in ``lipdet train``), as device batches."""
     cfg = LoopConfig(data_root=str(resolve_data(None)), synthetic=True)
     ds = load_split(cfg, "train", n_batches * batch_size)
     out = []

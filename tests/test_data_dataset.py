@@ -1,4 +1,5 @@
-"""SVHNDetection: the square crops, their boxes, bad input, skipped records and the cache."""
+"""SVHNDetection: the square crops, their boxes, bad input, skipped records and the cache; the
+validation split held out of the train split (ValSplit)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from lipdet.data.dataset import (
     SVHNDetection,
     boxes_from_crop,
     boxes_to_crop,
+    carve_validation,
     detection_collate,
     resolve_data,
     square_crop,
 )
 from lipdet.data.digitstruct import Record, write_digitstruct
 from lipdet.data.show import draw_detections, draw_grid
+from lipdet.data.split import ValSplit
 from lipdet.data.synth import synthesize
 from lipdet.errors import LipdetError
 
@@ -363,3 +366,93 @@ def test_draw_detections_marks_boxes() -> None:
     assert pil.size == (2 * S, 2 * S)
     assert tuple(arr[50, 20]) == (255, 0, 0)  # left edge of the box (x = 10 * 2)
     assert arr[60:70, 30:50].max() == 0  # inside stays black
+
+
+# ---------------------------------------------------------------------------------------------
+# the validation split held out of train (lipdet.data.split.ValSplit)
+
+
+def _base_indices(subset: torch.utils.data.Subset) -> list[int]:
+    return [int(i) for i in subset.indices]
+
+
+def test_val_split_is_disjoint_and_covers_the_train_split(tiny_svhn: Path) -> None:
+    base = SVHNDetection(tiny_svhn, "train")
+    train, val = carve_validation(base, ValSplit())
+    assert len(base) == 40 and len(val) == 4 and len(train) == 36  # the default 10%
+    t, v = _base_indices(train), _base_indices(val)
+    assert not set(t) & set(v) and sorted(t + v) == list(range(len(base)))
+    names = [r.name for r in base.records]
+    assert not {names[i] for i in t} & {names[i] for i in v}
+    # the items are the base's images, not copies that could drift
+    for k, i in enumerate(v):
+        assert torch.equal(val[k][0], base[i][0])
+    assert len(carve_validation(base, ValSplit(count=7))[1]) == 7
+    assert len(carve_validation(base, ValSplit(fraction=0.25))[1]) == 10
+
+
+def test_val_split_is_deterministic_and_seeded(tiny_svhn: Path) -> None:
+    """The same seed gives the same images from a fresh build, from the cache and in any record
+    order; another seed gives other images."""
+    fresh = SVHNDetection(tiny_svhn, "train", cache=False)
+    cached = SVHNDetection(tiny_svhn, "train")
+    names = [r.name for r in fresh.records]
+    assert [r.name for r in cached.records] == names
+    split = ValSplit(seed=5, count=8)
+    held = {names[i] for i in split.held_out(names)}
+    assert {names[i] for i in split.held_out([r.name for r in cached.records])} == held
+    backwards = names[::-1]
+    assert {backwards[i] for i in split.held_out(backwards)} == held
+    others = [{names[i] for i in ValSplit(seed=s, count=8).held_out(names)} for s in (6, 7, 8)]
+    assert all(o != held for o in others)
+
+
+def test_val_split_is_the_same_in_another_process() -> None:
+    """Every Ray worker computes the split itself: another interpreter, with another string-hash
+    seed, must hold out the same images."""
+    import subprocess
+    import sys
+
+    names = [f"{i}.png" for i in range(1, 301)]
+    code = ("from lipdet.data.split import ValSplit; "
+            f"print(ValSplit(seed=3).held_out({names!r}))")
+    out = {}
+    for hash_seed in ("0", "12345"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        out[hash_seed] = r.stdout.strip()
+    here = str(ValSplit(seed=3).held_out(names))
+    assert out["0"] == out["12345"] == here and len(ValSplit(seed=3).held_out(names)) == 30
+
+
+def test_val_split_record_names_the_exact_images(tiny_svhn: Path) -> None:
+    import hashlib
+
+    names = [r.name for r in SVHNDetection(tiny_svhn, "train").records]
+    split = ValSplit(seed=2, fraction=0.2)
+    rec = split.record(names)
+    held = sorted(names[i] for i in split.held_out(names))
+    assert rec["from"] == "train" and rec["seed"] == 2 and rec["fraction"] == 0.2
+    assert rec["count"] == 8 and rec["of"] == 40
+    assert rec["names_sha256"] == hashlib.sha256("\n".join(held).encode()).hexdigest()
+    assert ValSplit.from_dict(split.to_dict()) == split
+    assert split.describe(8) == "validation (8 images held out of train, seed 2)"
+    assert split.describe(8, 3) == "validation (first 3 of 8 images held out of train, seed 2)"
+
+
+@pytest.mark.parametrize(
+    "split, n, message",
+    [
+        (ValSplit(fraction=0.0), 40, "--val-fraction must be > 0 and < 1, got 0.0"),
+        (ValSplit(fraction=1.0), 40, "--val-fraction must be > 0 and < 1, got 1.0"),
+        (ValSplit(fraction=-0.5), 40, "--val-fraction must be > 0 and < 1"),
+        (ValSplit(count=-1), 40, "--val-count must be >= 1"),
+        (ValSplit(count=40), 40, "--val-count 40 holds out 40 images, but the train split has only 40"),
+        (ValSplit(count=41), 40, "--val-count 41 holds out 41 images"),
+        (ValSplit(fraction=0.5), 1, "--val-fraction 0.5 holds out 1 images, but the train split has only 1"),
+    ],
+)
+def test_val_split_refuses_bad_values(split: ValSplit, n: int, message: str) -> None:
+    with pytest.raises(LipdetError) as exc:
+        split.size(n)
+    assert message in exc.value.message and "\n" not in exc.value.message

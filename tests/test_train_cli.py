@@ -312,3 +312,96 @@ def test_run_storage_local(tmp_path):
     st.write_bytes("x.json", b"{}")
     assert st.exists() and st.exists("x.json") and st.read_text("x.json") == "{}"
     assert Path(st.storage_path) == tmp_path.resolve()
+
+
+# ------------------------------------------------------------------------------------------
+# the validation split (held out of the train split; the test split is never read)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--val-fraction", "0"], "--val-fraction must be > 0 and < 1, got 0.0"),
+        (["--val-fraction", "1"], "--val-fraction must be > 0 and < 1, got 1.0"),
+        (["--val-count", "0"], "--val-count must be >= 1, got 0"),
+        (["--val-count", "40"], "--val-count 40 holds out 40 images, but the train split has only 40"),
+        (["--val-count", "5", "--val-fraction", "0.2"], "give --val-fraction or --val-count, not both"),
+    ],
+)
+def test_bad_validation_split(args, message, tiny_svhn, tmp_path, capsys, no_ray):
+    """Refused in one line before any work: no run folder, no crop cache beside the data."""
+    before = sorted(p.name for p in tiny_svhn.rglob("*"))
+    assert message in _fail([*args, "--data", str(tiny_svhn), "--out", str(tmp_path / "runs")], capsys)
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tiny_svhn.rglob("*")) == before
+
+
+def test_plan_holds_out_the_validation_split_and_the_start_line_says_so(tiny_svhn, tmp_path):
+    from lipdet.data.split import ValSplit
+
+    plan = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False))
+    assert plan.loop.validation == ValSplit() and plan.val_images == 4  # 10% of 40
+    line = trainer._start_line(plan, RunStorage(plan.storage_path, plan.name))
+    assert "validation (4 images held out of train, seed 0)" in line
+    plan = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False, val_count=6, val_seed=2))
+    assert plan.loop.validation == ValSplit(seed=2, count=6) and plan.val_images == 6
+    assert "validation (6 images held out of train, seed 2)" in trainer._start_line(
+        plan, RunStorage(plan.storage_path, plan.name))
+
+
+def test_the_model_trains_only_on_images_outside_the_validation_split(tiny_svhn):
+    """Every batch every rank of a 2-worker run draws, over two epochs, is a training image; the
+    validation images never appear (pixel for pixel)."""
+    from lipdet.train.loop import first, load_parts, load_split, make_train_loader
+
+    cfg = LoopConfig(data_root=str(tiny_svhn.resolve()), synthetic=False, batch_size=8)
+    train_ds, val_ds = load_parts(cfg)
+    val_images = torch.stack([val_ds[i][0] for i in range(len(val_ds))]).flatten(1)
+    seen = []
+    for epoch in (1, 2):
+        for rank in (0, 1):
+            loader, sampler, _ = make_train_loader(first(train_ds, 0), cfg, rank, 2)
+            sampler.set_epoch(epoch)
+            seen += [images.flatten(1) for images, _ in loader]
+    seen_images = torch.cat(seen)
+    assert len(seen_images) >= len(train_ds) and len(val_ds) == 4
+    assert not (seen_images[:, None, :] == val_images[None, :, :]).all(-1).any()
+    with pytest.raises(ValueError, match="never reads the test split"):
+        load_split(cfg, "test")
+    assert len(load_split(cfg, "val", 3)) == 3 and len(load_split(cfg, "train", 5)) == 5
+
+
+def test_resume_keeps_the_recorded_validation_split(tiny_svhn, tmp_path):
+    from lipdet.data.split import ValSplit
+
+    run = tmp_path / "r2"
+    run.mkdir()
+    loop = LoopConfig(data_root=str(tiny_svhn.resolve()), synthetic=False, epochs=2,
+                      val_split=ValSplit(seed=3, fraction=0.2).to_dict())
+    (run / trainer.RUN_FILE).write_text(json.dumps({"loop": loop.to_dict()}))
+    with pytest.raises(LipdetError, match=r"its own validation split \(--val-fraction 0.2 --val-seed 3\): "
+                                          "--val-seed 4 would change it"):
+        plan_run(TrainOptions(resume="r2", out=str(tmp_path), val_seed=4))
+    with pytest.raises(LipdetError, match="own validation split .*--val-count 8 would change it"):
+        plan_run(TrainOptions(resume="r2", out=str(tmp_path), val_count=8))
+    for same in ({}, {"val_seed": 3}, {"val_seed": 3, "val_fraction": 0.2}):
+        plan = plan_run(TrainOptions(resume="r2", out=str(tmp_path), epochs=4, **same))
+        assert plan.loop.validation == ValSplit(seed=3, fraction=0.2) and plan.val_images == 8
+
+
+def test_curves_title_names_the_validation_split(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    titles: list[str] = []
+    real = Figure.savefig
+
+    def spy(self, *a, **k):
+        titles.extend(ax.get_title() for ax in self.axes)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    label = "validation (4 images held out of train, seed 0)"
+    hist = [dict(epoch=e, loss=1.0, loc=0.5, cls=0.5, val_map_50=0.1, val_map=0.05, validation=label) for e in (1, 2)]
+    plot_curves(hist, tmp_path / "curves.png")
+    assert label in titles and not any("test" in t for t in titles)

@@ -448,10 +448,15 @@ def _check_unchanged(opts: TrainOptions, loop: LoopConfig) -> None:
             raise LipdetError(
                 f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
             )
-    asked = opts.val_split()
-    if asked is not None and asked != loop.validation:
-        raise LipdetError(f"--resume continues {opts.resume} on its own validation split "
-                          f"({_split_options(loop.validation)}); drop the --val-* options")
+    split = loop.validation
+    for label, given, before in (
+        ("--val-seed", opts.val_seed, split.seed),
+        ("--val-count", opts.val_count, split.count or None),
+        ("--val-fraction", opts.val_fraction, None if split.count else split.fraction),
+    ):
+        if given is not None and given != before:
+            raise LipdetError(f"--resume continues {opts.resume} on its own validation split "
+                              f"({_split_options(split)}): {label} {given} would change it")
     if opts.model_options and opts.model_options != {k: loop.model_options.get(k) for k in opts.model_options}:
         raise LipdetError(f"--resume continues {opts.resume} as it was started: its --option values were "
                           f"{loop.model_options or 'the defaults'}")
