@@ -22,6 +22,10 @@ Two attacks:
   between two random square windows with a fresh pseudo-Gaussian pattern and keeps a candidate
   only when the queried loss increases. Run on the deployed engine it catches gradient masking and
   twin/engine divergence, which a twin-crafted attack cannot see.
+
+The default ``--attack-loss ensemble`` runs :func:`pgd_l2` once per loss of :data:`ENSEMBLE_LOSSES`
+and keeps, per image, the candidate that is worst for the deployed engine (:func:`image_harm`,
+:func:`worst_per_image`); the evaluator replays the candidates on the engine and applies them.
 """
 
 from __future__ import annotations
@@ -37,10 +41,48 @@ from torch import Tensor
 
 from lipdet.errors import LipdetError
 from lipdet.loss import MultiBoxLoss
+from lipdet.metrics import objects_detected
 
 ATTACK_LOSSES: tuple[str, ...] = ("multibox", "cls", "loc", "vanish")
 """Attack losses: MultiBox vs ground truth (cls + alpha * loc), its classification or localisation
 term alone, or "vanish" (TOG vanishing: every anchor pushed to background)."""
+
+ENSEMBLE = "ensemble"
+"""``--attack-loss ensemble``: PGD once per loss of :data:`ENSEMBLE_LOSSES`, the per-image worst kept."""
+
+ENSEMBLE_LOSSES: tuple[str, ...] = ("multibox", "cls", "loc", "vanish")
+"""The losses the ensemble runs, in tie-break order (the first of equally bad candidates is kept)."""
+
+ATTACK_CHOICES: tuple[str, ...] = (ENSEMBLE, *ATTACK_LOSSES)
+"""Every value ``--attack-loss`` accepts; :data:`ENSEMBLE` is the default."""
+
+SELECTION_LOSS = "multibox"
+"""The loss that scores images under the ensemble: its tie-break, and the clean / adversarial losses
+reported (on the engine) and Square's objective when ``--attack-loss ensemble``."""
+
+SELECTION_RULE = (
+    "Per image, of the adversarial images PGD crafted with each loss, the one kept is the one that leaves the "
+    "fewest ground-truth objects detected correctly by the deployed engine (a detection of the same digit with "
+    "IoU >= 0.5, after the shared post-processing); ties go to the highest MultiBox loss of the engine's raw "
+    "outputs against the ground truth, remaining ties to the first loss in the list."
+)
+
+
+def attack_losses(name: str) -> tuple[str, ...]:
+    """The single losses ``--attack-loss name`` runs, in order: :data:`ENSEMBLE_LOSSES` for
+    ``ensemble``, else ``(name,)``. The one check of an attack-loss name (LipdetError if unknown)."""
+    if name == ENSEMBLE:
+        return ENSEMBLE_LOSSES
+    if name in ATTACK_LOSSES:
+        return (name,)
+    raise LipdetError(f"unknown --attack-loss {name!r}; choose one of: {', '.join(ATTACK_CHOICES)}")
+
+
+def scoring_loss(name: str) -> str:
+    """The single loss that scores images for ``--attack-loss name``: the loss itself, or
+    :data:`SELECTION_LOSS` for the ensemble (clean / adversarial losses, Square's objective)."""
+    losses = attack_losses(name)
+    return losses[0] if len(losses) == 1 else SELECTION_LOSS
 
 ModelFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """``images (N, 3, S, S) -> (loc (N, P, 4), logits (N, P, C))``."""
@@ -73,8 +115,8 @@ class AttackLoss:
     """
 
     def __init__(self, name: str, priors: Tensor, input_size: int, alpha: float = 2.0) -> None:
-        if name not in ATTACK_LOSSES:
-            raise LipdetError(f"unknown --attack-loss {name!r}; choose one of: {', '.join(ATTACK_LOSSES)}")
+        if attack_losses(name) != (name,):
+            raise ValueError(f"AttackLoss is one loss of {ATTACK_LOSSES}, got {name!r}")
         self.name = name
         self.criterion = MultiBoxLoss(priors.detach().float().cpu(), input_size, alpha=alpha)
         self._device = torch.device("cpu")
@@ -238,6 +280,55 @@ def pgd_l2(
         best_out[0][better] = lo[better]
         best_out[1][better] = lg[better]
     return AttackResult(best_adv, best_loss, best_out, restarts * (steps + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The ensemble's per-image choice
+
+
+def image_harm(dets: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], loss: Tensor) -> Tensor:
+    """How bad an attacked batch is for the model, per image: ``(N, 2)`` float64, larger is worse.
+
+    Column 0 is minus the number of ground-truth objects detected correctly
+    (:func:`lipdet.metrics.objects_detected`: same digit, IoU >= 0.5), column 1 the MultiBox loss of
+    the raw outputs against the ground truth. Rows compare lexicographically (:func:`worst_per_image`).
+
+    Args:
+        dets: per image the engine's post-processed detections on the adversarial image
+            (``{"boxes" (D, 4) xyxy input px, "labels" (D,)}``), as mAP scores them.
+        targets: per image ``{"boxes" (K, 4), "labels" (K,)}`` in the same frame.
+        loss: ``(N,)`` :data:`SELECTION_LOSS` of the engine's raw outputs on the same images.
+
+    Why this order is the right one for mAP, measured on the engine (not the twin):
+
+    * mAP is not a sum over images: whether a false positive costs precision depends on how its score
+      ranks against every other image's detections, so no per-image number orders candidates exactly
+      as mAP would. One per-image quantity has a fixed sign whatever the rest of the data set does: a
+      ground-truth object with no correct detection is a miss at every score threshold, recall its
+      class can never recover. Fewer objects detected correctly is therefore the first key.
+    * Among candidates that miss the same number of objects, the MultiBox loss on the engine's raw
+      outputs (cross-entropy on the object anchors and the hardest background anchors, smooth L1 on
+      the matched boxes) grows with confident false positives, weakened true positives and displaced
+      boxes -- the remaining ways an image lowers AP -- and is the loss the detector was trained on.
+    * Both keys are computed from the deployed engine's outputs, the artifact the mAP is reported
+      for: a candidate that only fools the twin (fp16/int8 rounding, twin/engine gap) is not chosen.
+    """
+    detected = [int(objects_detected(d, t).sum()) for d, t in zip(dets, targets)]
+    return torch.stack([-torch.tensor(detected, dtype=torch.float64), loss.detach().double().cpu()], dim=1)
+
+
+def worst_per_image(harms: Sequence[Tensor]) -> Tensor:
+    """Per image, the index of the worst candidate: ``harms[k]`` is candidate ``k``'s ``(N, 2)``
+    :func:`image_harm`. Lexicographic maximum; on a tie the earliest candidate is kept (deterministic).
+    Returns ``(N,)`` int64."""
+    if not harms:
+        raise ValueError("worst_per_image needs at least one candidate")
+    best = torch.zeros(harms[0].shape[0], dtype=torch.long)
+    for i in range(harms[0].shape[0]):
+        for k in range(1, len(harms)):
+            if tuple(harms[k][i].tolist()) > tuple(harms[int(best[i])][i].tolist()):
+                best[i] = k
+    return best
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from lipdet.errors import LipdetError
+from lipdet.eval.attacks import ATTACK_CHOICES, ENSEMBLE, ENSEMBLE_LOSSES
 from lipdet.eval.evaluate import EvalSettings, evaluate
 from lipdet.eval.results import ResultFiles, result_lines
 
@@ -44,7 +45,10 @@ def command(
     steps: int = typer.Option(10, "--steps", help="PGD steps."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="PGD step length (default 2.5*eps/steps)."),
     restarts: int = typer.Option(1, "--restarts", help="PGD random restarts; the per-image worst is kept."),
-    attack_loss: str = typer.Option("multibox", "--attack-loss", help="multibox | cls | loc | vanish."),
+    attack_loss: str = typer.Option(
+        ENSEMBLE, "--attack-loss", help=f"{' | '.join(ATTACK_CHOICES)}. {ENSEMBLE} (default): PGD once per loss "
+        f"({', '.join(ENSEMBLE_LOSSES)}; {len(ENSEMBLE_LOSSES)}x the cost), keeping per image the adversarial image "
+        "worst for the engine (fewest objects detected, then highest MultiBox loss); the JSON has each loss's mAP."),
     blackbox: Optional[str] = typer.Option(None, "--blackbox", help="'square': query-only L2 random search on the engine."),
     queries: int = typer.Option(100, "--queries", help="Black-box query budget per image."),
     eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", help="Comma-separated radii for the mAP-vs-eps curve, e.g. 0,0.25,0.5,1."),

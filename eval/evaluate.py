@@ -38,7 +38,10 @@ from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data, 
 from lipdet.device import resolve_device
 from lipdet.errors import LipdetError
 from lipdet.io import portable_path
-from lipdet.eval.attacks import ATTACK_LOSSES, AttackLoss, image_seed, pgd_l2, square_l2
+from lipdet.eval.attacks import (
+    ENSEMBLE, SELECTION_RULE, AttackLoss, attack_losses, image_harm, image_seed, pgd_l2, scoring_loss, square_l2,
+    worst_per_image,
+)
 from lipdet.eval.certify import CERTIFIED_DEFINITION, AnchorBounds, certified_share, certify_image
 from lipdet.metrics import DetectionMAP
 from lipdet.parity import agreement, max_abs_per_image
@@ -62,7 +65,8 @@ class EvalSettings:
         pgd: run the L2 PGD attack at ``eps``.
         eps: L2 radius over the whole ``3 x S x S`` input in ``[0, 1]`` pixel units.
         steps, alpha, restarts: PGD parameters (``alpha`` default ``2.5 * eps / steps``).
-        attack_loss: one of :data:`lipdet.eval.attacks.ATTACK_LOSSES`.
+        attack_loss: ``ensemble`` (PGD with every loss of :data:`lipdet.eval.attacks.ENSEMBLE_LOSSES`, the
+            per-image worst on the engine kept) or one of :data:`lipdet.eval.attacks.ATTACK_LOSSES`.
         blackbox: ``"square"`` to run the gradient-free random search on the engine, or None.
         queries: query budget per image of the black-box attack.
         eps_sweep: radii for the adversarial-mAP curve (one PGD per radius).
@@ -86,7 +90,7 @@ class EvalSettings:
     steps: int = 10
     alpha: float | None = None
     restarts: int = 1
-    attack_loss: str = "multibox"
+    attack_loss: str = ENSEMBLE
     blackbox: str | None = None
     queries: int = 100
     eps_sweep: tuple[float, ...] = ()
@@ -112,8 +116,7 @@ class EvalSettings:
             raise LipdetError(f"--alpha must be > 0, got {self.alpha}")
         if self.restarts < 1:
             raise LipdetError(f"--restarts must be >= 1, got {self.restarts}")
-        if self.attack_loss not in ATTACK_LOSSES:
-            raise LipdetError(f"unknown --attack-loss {self.attack_loss!r}; choose one of: {', '.join(ATTACK_LOSSES)}")
+        attack_losses(self.attack_loss)  # the one check of the name (LipdetError if unknown)
         if self.blackbox is not None and self.blackbox not in BLACKBOX_METHODS:
             raise LipdetError(f"unknown --blackbox {self.blackbox!r}; choose one of: {', '.join(BLACKBOX_METHODS)}")
         if self.queries < 1:
@@ -197,7 +200,10 @@ class ImageRecord:
     Detections are ``{"boxes" (D, 4) xyxy input px, "scores" (D,), "labels" (D,) digits}`` from the
     deployed engine. ``pgd`` / ``sweep[eps]`` / ``square`` are the engine's detections on the
     attacked image; ``*_diff`` are max |twin - engine| over raw outputs; ``loss`` holds the attack
-    loss (on the twin for PGD, on the engine for Square); ``cert`` the per-object certificate.
+    loss (on the twin for a single-loss PGD, on the engine for the ensemble and Square; for the ensemble
+    also ``pgd:NAME``, each loss's candidate); ``cert`` the per-object certificate.
+    ``pgd_by_loss[name]`` are the engine's detections on the image PGD crafted with loss ``name`` (one
+    entry per loss the attack ran) and ``pgd_winner`` the loss whose image ``pgd`` is.
     """
 
     index: int
@@ -209,6 +215,8 @@ class ImageRecord:
     clean_diff: float | None = None
     pgd: Dets | None = None
     pgd_diff: float | None = None
+    pgd_by_loss: dict[str, Dets] = field(default_factory=dict)
+    pgd_winner: str | None = None
     sweep: dict[float, Dets] = field(default_factory=dict)
     sweep_diff: dict[float, float | None] = field(default_factory=dict)
     square: Dets | None = None
@@ -315,6 +323,22 @@ class _Batch:
     clean_diffs: Tensor | None = None  # per image max |twin - engine| on the clean batch, once measured
 
 
+@dataclass
+class _Attacked:
+    """Adversarial images of one batch and the engine's view of them.
+
+    ``adv (N, 3, S, S)`` CPU images in [0, 1]; ``eng`` the engine's raw ``(loc, logits)`` on them;
+    ``dets`` its post-processed detections; ``diffs (N,)`` max |twin - engine| per image (None
+    without a twin); ``loss (N,)`` the attack loss recorded for the image.
+    """
+
+    adv: Tensor
+    eng: tuple[Tensor, Tensor]
+    dets: list[Dets]
+    diffs: Tensor | None
+    loss: Tensor
+
+
 class Evaluator:
     """Holds a backend, the twin (if attacks need it) and the dataset; turns batches into records.
 
@@ -339,7 +363,9 @@ class Evaluator:
         self.twin = twin
         self.precision = str(getattr(self.backend, "precision", "fp32") or "fp32")
         self.gate_tol: float | None = None  # tolerance of the clean twin check before attacking (reported)
-        self.loss = AttackLoss(settings.attack_loss, self.priors, self.input_size)
+        self.loss = AttackLoss(scoring_loss(settings.attack_loss), self.priors, self.input_size)
+        self.attack_losses = {name: self.loss if name == self.loss.name else AttackLoss(name, self.priors, self.input_size)
+                              for name in attack_losses(settings.attack_loss)}
         self.bounds: dict[str, Any] | None = bounds
         self.table: Any = None
         self.anchor_bounds: AnchorBounds | None = None
@@ -381,10 +407,10 @@ class Evaluator:
         return _split_dets(postprocess(outputs[0], outputs[1], self.priors, self.input_size, self.pp))
 
     def units_per_image(self) -> int:
-        """Progress units per image: 1 clean pass + PGD steps (per attack run) + Square queries."""
+        """Progress units per image: 1 clean pass + PGD steps (per attack run and loss) + Square queries."""
         s = self.settings
         runs = int(s.pgd) + sum(1 for e in s.sweep_eps() if not (s.pgd and e == s.eps))
-        return 1 + runs * s.steps * s.restarts + (s.queries if s.blackbox else 0)
+        return 1 + runs * len(self.attack_losses) * s.steps * s.restarts + (s.queries if s.blackbox else 0)
 
     def twin_tol(self, reference: tuple[Tensor, Tensor]) -> float:
         """The twin/engine tolerance for a batch: ``settings.twin_tol`` or the deploy stage's default."""
@@ -454,16 +480,17 @@ class Evaluator:
                                        clean_dets[j], b.gt[j], self.anchor_bounds)
         return records
 
-    def _attack(self, b: "_Batch", eps: float, tag: str) -> tuple[list[Dets], Tensor | None, Tensor, Tensor]:
-        """PGD on the twin at ``eps``, replayed on the engine: (dets, |twin - engine| per image, loss, adv)."""
+    def _pgd(self, b: "_Batch", eps: float, tag: str, name: str) -> _Attacked:
+        """PGD on the twin with loss ``name`` at ``eps``, replayed on the engine (one candidate of an ensemble)."""
         s, n = self.settings, len(b.indices)
+        loss = self.attack_losses[name]
         if eps == 0:  # nothing to craft: the clean images themselves go through the engine again
             adv = b.images.clone()
             eng = self.engine(adv)
             b.tick(n * s.steps * s.restarts)
-            return self.detect(eng), b.clean_diffs, self.loss.per_image(eng[0], eng[1], b.gt), adv
+            return _Attacked(adv, eng, self.detect(eng), b.clean_diffs, loss.per_image(eng[0], eng[1], b.gt))
         res = pgd_l2(
-            self.twin_fn, b.images.to(self.device), b.gt, self.loss, eps, s.steps,
+            self.twin_fn, b.images.to(self.device), b.gt, loss, eps, s.steps,
             alpha=(2.5 * eps / s.steps if s.alpha is None else s.alpha), restarts=s.restarts,
             seeds=[image_seed(s.seed, i, f"{tag}:{eps!r}") for i in b.indices],
             on_step=lambda: b.tick(n),
@@ -471,27 +498,63 @@ class Evaluator:
         adv = res.adv.detach().float().cpu()
         eng = self.engine(adv)
         assert res.outputs is not None
-        return self.detect(eng), max_abs_per_image(res.outputs, eng), res.loss, adv
+        return _Attacked(adv, eng, self.detect(eng), max_abs_per_image(res.outputs, eng), res.loss)
+
+    def _attack(self, b: "_Batch", eps: float, tag: str) -> tuple[_Attacked, dict[str, _Attacked], list[str]]:
+        """PGD at ``eps`` with every loss of ``--attack-loss``: (the kept images, every loss's own candidates,
+        the loss kept per image). One loss is kept as is; for the ensemble each image keeps the candidate
+        :func:`worst_per_image` picks by :func:`image_harm` on the engine, and every ``loss`` (kept and
+        per loss) is then the engine's :data:`~lipdet.eval.attacks.SELECTION_LOSS`.
+
+        Every loss starts from the same per-image random point (seeds by image index, as a single-loss run),
+        so each candidate is exactly what ``--attack-loss NAME`` alone crafts and the ensemble is, per image,
+        never better for the model than any of them.
+        """
+        names = list(self.attack_losses)
+        runs = [self._pgd(b, eps, tag, name) for name in names]
+        if len(runs) == 1:
+            return runs[0], {names[0]: runs[0]}, names * len(b.indices)
+        for r in runs:
+            r.loss = self.loss.per_image(r.eng[0], r.eng[1], b.gt)
+        harms = [image_harm(r.dets, b.gt, r.loss) for r in runs]
+        pick = worst_per_image(harms).tolist()
+
+        def take(per_run: list[Any]) -> list[Any]:  # image j of the run picked for it
+            return [per_run[k][j] for j, k in enumerate(pick)]
+
+        diffs = [r.diffs for r in runs]
+        kept = _Attacked(
+            adv=torch.stack(take([r.adv for r in runs])),
+            eng=(torch.stack(take([r.eng[0] for r in runs])), torch.stack(take([r.eng[1] for r in runs]))),
+            dets=take([r.dets for r in runs]),
+            diffs=None if any(d is None for d in diffs) else torch.stack(take(diffs)),
+            loss=torch.stack(take([h[:, 1] for h in harms])).float(),
+        )
+        return kept, dict(zip(names, runs)), [names[k] for k in pick]
 
     def _run_pgd(self, b: "_Batch", records: list[ImageRecord]) -> None:
         """``--pgd`` at ``eps`` and every ``--eps-sweep`` radius into ``records`` (the same attack reused)."""
         s = self.settings
         if s.pgd:
-            dets, diffs, adv_loss, adv = self._attack(b, s.eps, "pgd")
+            att, by_loss, winners = self._attack(b, s.eps, "pgd")
             for j, r in enumerate(records):
-                r.pgd, r.pgd_diff = dets[j], (None if diffs is None else float(diffs[j]))
-                r.loss["pgd"] = float(adv_loss[j])
+                r.pgd, r.pgd_diff = att.dets[j], (None if att.diffs is None else float(att.diffs[j]))
+                r.pgd_by_loss = {name: run.dets[j] for name, run in by_loss.items()}
+                r.pgd_winner = winners[j]
+                r.loss["pgd"] = float(att.loss[j])
+                if len(by_loss) > 1:  # each candidate's engine loss, the ensemble's tie-break
+                    r.loss.update({f"pgd:{name}": float(run.loss[j]) for name, run in by_loss.items()})
                 if r.index < s.samples:
-                    r.adv_image = adv[j].clone()
+                    r.adv_image = att.adv[j].clone()
         for eps in s.sweep_eps():
             if s.pgd and eps == s.eps:  # the same attack (same seeds): reuse it
                 for r in records:
                     assert r.pgd is not None
                     r.sweep[eps], r.sweep_diff[eps] = r.pgd, r.pgd_diff
             else:
-                dets, diffs, _, _ = self._attack(b, eps, "pgd")
+                att, _, _ = self._attack(b, eps, "pgd")
                 for j, r in enumerate(records):
-                    r.sweep[eps], r.sweep_diff[eps] = dets[j], (None if diffs is None else float(diffs[j]))
+                    r.sweep[eps], r.sweep_diff[eps] = att.dets[j], (None if att.diffs is None else float(att.diffs[j]))
 
     def _run_square(self, b: "_Batch", records: list[ImageRecord]) -> None:
         """``--blackbox square``: query-only L2 random search on the engine into ``records``."""
@@ -681,19 +744,11 @@ def summarise(
         "sweep": [],
     }
     if s.pgd:
-        adv = _map(records, lambda r: r.pgd)
-        summary["pgd"] = {
-            "eps": s.eps, "steps": s.steps, "alpha": s.pgd_alpha, "restarts": s.restarts, "loss": s.attack_loss,
-            "map_50": adv["map_50"], "map": adv["map"], "map_75": adv["map_75"],
-            "drop_map_50": clean["map_50"] - adv["map_50"], "drop_map": clean["map"] - adv["map"],
-            "max_twin_engine_diff": _max_or_none(r.pgd_diff for r in records),
-            "mean_loss_clean": clean["mean_loss"], "mean_loss_adv": _mean(r.loss.get("pgd") for r in records),
-            "per_class": adv["per_class"],
-        }
+        summary["pgd"] = _pgd_summary(records, s, clean)
     if s.blackbox:
         bb = _map(records, lambda r: r.square)
         summary["blackbox"] = {
-            "method": s.blackbox, "eps": s.eps, "queries": s.queries, "loss": s.attack_loss,
+            "method": s.blackbox, "eps": s.eps, "queries": s.queries, "loss": scoring_loss(s.attack_loss),
             "map_50": bb["map_50"], "map": bb["map"],
             "drop_map_50": clean["map_50"] - bb["map_50"], "drop_map": clean["map"] - bb["map"],
             "mean_loss_clean": clean["mean_loss"], "mean_loss_adv": _mean(r.loss.get("square") for r in records),
@@ -728,6 +783,31 @@ def summarise(
             "definition": CERTIFIED_DEFINITION,
         }
     return summary
+
+
+def _pgd_summary(records: list[ImageRecord], s: EvalSettings, clean: dict[str, Any]) -> dict[str, Any]:
+    """The ``pgd`` section: what the attack (for ``ensemble``, the per-image worst over ``losses``) achieved,
+    plus ``per_loss[name]``: each loss's own adversarial mAP and the images whose kept candidate it crafted.
+
+    ``mean_loss_clean`` / ``mean_loss_adv`` are ``mean_loss_name`` (the attack loss, or MultiBox for the
+    ensemble) measured ``mean_loss_adv_on`` the twin (one loss: the loss PGD ascended) or the engine (ensemble).
+    """
+    adv = _map(records, lambda r: r.pgd)
+    names = attack_losses(s.attack_loss)
+    per_loss = {}
+    for name in names:
+        m = adv if len(names) == 1 else _map(records, lambda r, n=name: r.pgd_by_loss.get(n))
+        per_loss[name] = {"map_50": m["map_50"], "map": m["map"], "images_won": sum(r.pgd_winner == name for r in records)}
+    return {
+        "eps": s.eps, "steps": s.steps, "alpha": s.pgd_alpha, "restarts": s.restarts, "loss": s.attack_loss,
+        "losses": list(names), "per_loss": per_loss, "selection": SELECTION_RULE if len(names) > 1 else None,
+        "map_50": adv["map_50"], "map": adv["map"], "map_75": adv["map_75"],
+        "drop_map_50": clean["map_50"] - adv["map_50"], "drop_map": clean["map"] - adv["map"],
+        "max_twin_engine_diff": _max_or_none(r.pgd_diff for r in records),
+        "mean_loss_clean": clean["mean_loss"], "mean_loss_adv": _mean(r.loss.get("pgd") for r in records),
+        "mean_loss_name": scoring_loss(s.attack_loss), "mean_loss_adv_on": "engine" if len(names) > 1 else "twin",
+        "per_class": adv["per_class"],
+    }
 
 
 def _max_or_none(values: Iterable[float | None]) -> float | None:

@@ -160,14 +160,34 @@ def _main_table(summary: dict[str, Any]) -> str:
     return f"<table>{head}{row}</table><p class='note'>Percentages (the JSON holds fractions in [0, 1]).</p>"
 
 
+def _per_loss_table(summary: dict[str, Any]) -> str:
+    """PGD per attack loss: each loss's own adversarial mAP50 / mAP and the images it won, then the
+    attack's kept result (for ``ensemble``, the per-image worst); empty without PGD."""
+    pgd = summary.get("pgd") or {}
+    per_loss = pgd.get("per_loss") or {}
+    if not per_loss:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{_pct(v['map_50'])}</td><td>{_pct(v['map'])}</td>"
+                   f"<td>{v['images_won']}</td></tr>" for name, v in per_loss.items())
+    images = (summary.get("data") or {}).get("images")
+    rows += (f"<tr><th>{html.escape(str(pgd['loss']))} (kept)</th><th>{_pct(pgd['map_50'])}</th>"
+             f"<th>{_pct(pgd['map'])}</th><th>{_fmt(images)}</th></tr>")
+    note = f"<p class='note'>{html.escape(pgd['selection'])}</p>" if pgd.get("selection") else ""
+    return (f"<h2>PGD per attack loss (eps {pgd['eps']:g})</h2><table><tr><th>loss</th><th>adversarial mAP50</th>"
+            f"<th>adversarial mAP</th><th>images won</th></tr>{rows}</table>{note}")
+
+
 def _details(summary: dict[str, Any]) -> str:
     items: list[tuple[str, Any]] = []
     pgd = summary.get("pgd")
     if pgd:
+        losses = pgd.get("losses") or [pgd["loss"]]
+        loss_txt = pgd["loss"] if losses == [pgd["loss"]] else f"{pgd['loss']} of {', '.join(losses)}"
+        on = f"{pgd.get('mean_loss_name', pgd['loss'])}, {pgd.get('mean_loss_adv_on', 'twin')}"
         items += [("PGD", f"L2, eps {pgd['eps']:g}, {pgd['steps']} steps, alpha {pgd['alpha']:.4g}, "
-                          f"{pgd['restarts']} restart(s), loss {pgd['loss']}"),
+                          f"{pgd['restarts']} restart(s), loss {loss_txt}"),
                   ("max |twin - engine| on adversarial inputs", pgd["max_twin_engine_diff"]),
-                  ("attack loss clean -> adversarial (twin)", f"{_fmt(pgd['mean_loss_clean'])} -> {_fmt(pgd['mean_loss_adv'])}")]
+                  (f"attack loss clean -> adversarial ({on})", f"{_fmt(pgd['mean_loss_clean'])} -> {_fmt(pgd['mean_loss_adv'])}")]
     items.append(("max |twin - engine| on clean inputs", summary["clean"].get("max_twin_engine_diff")))
     bb = summary.get("blackbox")
     if bb:
@@ -264,6 +284,7 @@ img {{ max-width: 100%; image-rendering: pixelated; }}
 <h1>lipdet eval &mdash; {html.escape(str(s['model']))}</h1>
 {_main_table(s)}
 {_details(s)}
+{_per_loss_table(s)}
 {''.join(figs)}
 {cert_html}
 {_per_class_table(s)}

@@ -55,6 +55,9 @@ def result_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"pgd: eps {p['eps']:g}, {p['steps']} steps, alpha {p['alpha']:.4g}, {p['restarts']} restart(s), "
                      f"loss {p['loss']}: max |twin - engine| on adversarial inputs "
                      f"{'n/a' if diff is None else format(diff, '.3g')}")
+        if len(p.get("per_loss") or {}) > 1:
+            each = ", ".join(f"{k} {100 * v['map_50']:.2f} ({v['images_won']} won)" for k, v in p["per_loss"].items())
+            lines.append(f"pgd per loss: adversarial mAP50 {each}; kept per image: {100 * p['map_50']:.2f}")
     if s.get("blackbox"):
         b = s["blackbox"]
         flag = "  (stronger than PGD: suspect gradient masking / twin divergence)" if b.get("stronger_than_pgd") else ""

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from lipdet.postprocess import PostprocessConfig, postprocess
 
@@ -112,6 +113,21 @@ def map_of(
     if pairs:
         metric.update([d for d, _ in pairs], [t for _, t in pairs])
     return metric.compute()
+
+
+def objects_detected(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float = 0.5) -> Tensor:
+    """Which ground-truth objects of one image are detected correctly: ``(K,)`` bool.
+
+    Object ``g`` is detected correctly when some detection has ``g``'s digit and IoU ``>= iou`` with
+    its box (the "detected correctly" of the certificates). ``dets``: ``{"boxes" (D, 4), "labels" (D,)}``,
+    ``target``: ``{"boxes" (K, 4), "labels" (K,)}``, boxes xyxy in the same pixel frame.
+    """
+    k = target["boxes"].shape[0]
+    if k == 0 or dets["boxes"].shape[0] == 0:
+        return torch.zeros(k, dtype=torch.bool)
+    ious = box_iou(dets["boxes"].float().cpu(), target["boxes"].float().cpu())  # (D, K)
+    same = dets["labels"].long().cpu().view(-1, 1) == target["labels"].long().cpu().view(1, -1)
+    return ((ious >= iou) & same).any(dim=0)
 
 
 def batched(images: Tensor, targets: Sequence[dict[str, Tensor]], size: int = 64) -> Iterator[tuple[Tensor, Sequence[dict[str, Tensor]]]]:

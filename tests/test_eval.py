@@ -187,6 +187,50 @@ def test_eps_zero_reproduces_clean_and_pgd_raises_the_loss(env):
     assert bool((res.loss > clean).all())
 
 
+def test_ensemble_keeps_the_per_image_worst_of_the_single_losses(env):
+    """The default ``--attack-loss ensemble``: each loss's candidates are exactly that loss's own run, the kept
+    one is per image never better for the model than any of them (fewest objects detected correctly, then
+    highest MultiBox loss), both measured on the engine; the JSON names the losses and their mAP."""
+    from lipdet.deploy.backends import load_backend
+    from lipdet.eval.attacks import ENSEMBLE_LOSSES
+    from lipdet.metrics import objects_detected
+    from lipdet.postprocess import PostprocessConfig, postprocess
+
+    quiet = lambda m: None  # noqa: E731
+    common = dict(pgd=True, eps=0.5, steps=2, limit=8, batch_size=4, samples=8, seed=3, **LOW)
+    assert EvalSettings().attack_loss == "ensemble"
+    ens = evaluate(env["onnx"], settings=EvalSettings(**common), log=quiet)
+    p = ens.summary["pgd"]
+    assert p["loss"] == "ensemble" and p["losses"] == list(ENSEMBLE_LOSSES) and list(p["per_loss"]) == p["losses"]
+    assert sum(v["images_won"] for v in p["per_loss"].values()) == 8 and "fewest" in p["selection"]
+    assert p["mean_loss_name"] == "multibox" and p["mean_loss_adv_on"] == "engine"
+    for name in ENSEMBLE_LOSSES:
+        single = evaluate(env["onnx"], settings=EvalSettings(attack_loss=name, **common), log=quiet)
+        sp = single.summary["pgd"]
+        assert sp["loss"] == name and sp["losses"] == [name] and sp["per_loss"][name]["images_won"] == 8
+        assert sp["selection"] is None and (sp["map_50"], sp["map"]) == (p["per_loss"][name]["map_50"], p["per_loss"][name]["map"])
+        for re_, rs in zip(ens.records, single.records):
+            assert all(torch.equal(re_.pgd_by_loss[name][k], rs.pgd[k]) for k in ("boxes", "scores", "labels"))
+
+    def harm(dets, r, loss):
+        return (-int(objects_detected(dets, r.target).sum()), loss)
+
+    for r in ens.records:
+        kept = harm(r.pgd, r, r.loss["pgd"])
+        assert kept == harm(r.pgd_by_loss[r.pgd_winner], r, r.loss[f"pgd:{r.pgd_winner}"])
+        assert all(kept >= harm(r.pgd_by_loss[n], r, r.loss[f"pgd:{n}"]) for n in ENSEMBLE_LOSSES)
+
+    # The criterion is the engine's: ONNX Runtime on the kept images gives the recorded losses and detections.
+    engine = load_backend(env["onnx"], device="cpu")
+    lo, lg = (torch.as_tensor(t).float() for t in engine(torch.stack([r.adv_image for r in ens.records])))
+    targets = [r.target for r in ens.records]
+    engine_loss = AttackLoss("multibox", engine.priors, S).per_image(lo, lg, targets)
+    assert torch.allclose(engine_loss, torch.tensor([r.loss["pgd"] for r in ens.records]), rtol=1e-5, atol=1e-6)
+    dets = postprocess(lo, lg, engine.priors, S, PostprocessConfig(**ens.summary["postprocess"]))
+    assert [int(objects_detected(d, t).sum()) for d, t in zip(dets, targets)] == \
+        [int(objects_detected(r.pgd, r.target).sum()) for r in ens.records]
+
+
 def test_cli_json_report_and_detections(env, tmp_path):
     out_json, dets, report = tmp_path / "results.json", tmp_path / "dets.json", tmp_path / "report"
     code, stdout, stderr = run_cli([
@@ -201,6 +245,10 @@ def test_cli_json_report_and_detections(env, tmp_path):
     for sec in ("clean", "pgd", "blackbox"):
         assert 0 <= res[sec]["map_50"] <= 1 and 0 <= res[sec]["map"] <= 1
     assert res["pgd"]["eps"] == 0.5 and res["pgd"]["steps"] == 2
+    assert res["pgd"]["loss"] == "ensemble" and res["pgd"]["losses"] == ["multibox", "cls", "loc", "vanish"]
+    assert sorted(res["pgd"]["per_loss"]) == sorted(res["pgd"]["losses"])  # the JSON is written with sorted keys
+    assert sum(v["images_won"] for v in res["pgd"]["per_loss"].values()) == 6
+    assert "pgd per loss: adversarial mAP50 multibox" in stdout
     assert res["pgd"]["max_twin_engine_diff"] < 1e-2
     assert res["pgd"]["drop_map_50"] == pytest.approx(res["clean"]["map_50"] - res["pgd"]["map_50"])
     assert [p["eps"] for p in res["sweep"]] == [0.0, 0.5, 1.0]
@@ -231,6 +279,7 @@ def test_cli_json_report_and_detections(env, tmp_path):
 
     page = (report / "index.html").read_text()
     assert "clean mAP50" in page and "adversarial mAP50" in page
+    assert "PGD per attack loss" in page and all(f"<td>{n}</td>" in page for n in res["pgd"]["losses"])
     for png in re.findall(r"src='([^']+)'", page):
         assert (report / png).is_file() and (report / png).read_bytes()[:4] == b"\x89PNG"
     assert {"eps_curve.png", "lipschitz.png"} <= {p.name for p in report.iterdir()}

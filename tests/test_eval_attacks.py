@@ -9,14 +9,22 @@ from hypothesis import strategies as st
 
 from lipdet.errors import LipdetError
 from lipdet.eval.attacks import (
+    ATTACK_CHOICES,
     ATTACK_LOSSES,
+    ENSEMBLE_LOSSES,
     AttackLoss,
+    attack_losses,
+    image_harm,
     image_seed,
     pgd_l2,
     project_l2,
     pseudo_gaussian,
+    scoring_loss,
     square_l2,
+    worst_per_image,
 )
+from lipdet.metrics import objects_detected
+from lipdet.postprocess import PostprocessConfig, postprocess
 from lipdet.models import build_model, fold_model
 
 S = 32  # the smallest input Tinier SSD accepts: fast, and the attacks do not care
@@ -156,3 +164,61 @@ def test_bad_parameters_are_user_errors(twin, batch):
         square_l2(twin, images, targets, loss, 0.5, queries=0)
     with pytest.raises(LipdetError, match="attack-loss"):
         AttackLoss("nope", twin.priors, S)
+
+
+def test_attack_loss_names_are_checked_in_one_place():
+    assert ATTACK_CHOICES[0] == "ensemble" and set(ATTACK_CHOICES[1:]) == set(ATTACK_LOSSES)
+    assert attack_losses("ensemble") == ENSEMBLE_LOSSES and set(ENSEMBLE_LOSSES) <= set(ATTACK_LOSSES)
+    for name in ATTACK_LOSSES:
+        assert attack_losses(name) == (name,) and scoring_loss(name) == name
+    assert scoring_loss("ensemble") == "multibox"
+    with pytest.raises(LipdetError, match="attack-loss 'bogus'; choose one of: ensemble, multibox") as e:
+        attack_losses("bogus")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError):
+        AttackLoss("ensemble", torch.zeros(4, 4), S)  # the ensemble is not one loss
+
+
+def test_image_harm_counts_objects_detected_then_loss():
+    """Column 0: minus the objects detected correctly (same digit, IoU >= 0.5); column 1: the loss."""
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0]]), "labels": torch.tensor([3, 5])}
+    hit_both = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 9.0], [20.0, 0.0, 30.0, 10.0]]), "labels": torch.tensor([3, 5]),
+                "scores": torch.tensor([0.9, 0.8])}
+    wrong_digit = {"boxes": gt["boxes"].clone(), "labels": torch.tensor([3, 6]), "scores": torch.tensor([0.9, 0.8])}
+    shifted = {"boxes": torch.tensor([[6.0, 0.0, 16.0, 10.0]]), "labels": torch.tensor([3]), "scores": torch.tensor([0.9])}
+    none = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+    assert objects_detected(hit_both, gt).tolist() == [True, True]
+    assert objects_detected(wrong_digit, gt).tolist() == [True, False]
+    assert objects_detected(shifted, gt).tolist() == [False, False]  # IoU 4/16 < 0.5
+    h = image_harm([hit_both, wrong_digit, shifted, none], [gt] * 4, torch.tensor([0.5, 2.0, 1.0, 3.0]))
+    assert h.dtype == torch.float64 and h.tolist() == [[-2.0, 0.5], [-1.0, 2.0], [0.0, 1.0], [0.0, 3.0]]
+
+
+def test_worst_per_image_is_lexicographic_and_keeps_the_first_on_ties():
+    a = torch.tensor([[-2.0, 9.0], [-1.0, 1.0], [0.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([[-1.0, 0.1], [-1.0, 3.0], [0.0, 1.0], [-2.0, 5.0]], dtype=torch.float64)
+    c = torch.tensor([[-1.0, 0.2], [-1.0, 3.0], [0.0, 0.5], [-1.0, 2.0]], dtype=torch.float64)
+    # image 0: fewer objects detected beats any loss; 1: same count, higher loss, b before the equal c;
+    # 2 and 3: ties keep the earliest
+    assert worst_per_image([a, b, c]).tolist() == [2, 1, 0, 0]
+    assert worst_per_image([a]).tolist() == [0, 0, 0, 0]
+
+
+def test_ensemble_choice_is_never_better_than_any_loss(twin, batch):
+    """PGD with every loss, judged on a stand-in engine: the kept candidate is, per image, at least as bad
+    for the model as each loss's own candidate (fewest objects detected, then highest MultiBox loss)."""
+    images, targets = batch
+    judge = AttackLoss("multibox", twin.priors, S)
+    cfg = PostprocessConfig(score_threshold=0.01)
+    harms = []
+    for name in ENSEMBLE_LOSSES:
+        res = pgd_l2(twin, images, targets, AttackLoss(name, twin.priors, S), 0.5, 2, seeds=[1, 2, 3, 4])
+        with torch.no_grad():
+            lo, lg = twin(res.adv)
+        dets = postprocess(lo, lg, twin.priors, S, cfg)
+        harms.append(image_harm(dets, targets, judge.per_image(lo, lg, targets)))
+    pick = worst_per_image(harms)
+    for i, k in enumerate(pick.tolist()):
+        for h in harms:
+            assert tuple(harms[k][i].tolist()) >= tuple(h[i].tolist())
+    assert len({tuple(h[0].tolist()) for h in harms}) > 1  # the losses craft different images: not vacuous

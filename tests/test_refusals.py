@@ -110,6 +110,7 @@ def test_export_of_a_corrupt_checkpoint_refuses_before_data(fresh, capsys):
     [
         (["missing.onnx"], "model not found"),
         (["{card}", "--eps", "-1"], "--eps must be"),
+        (["{card}", "--attack-loss", "bogus", "--pgd"], "choose one of: ensemble, multibox"),
         (["{card}", "--input-size", "74", "--pgd"], "needs the artifact's lipdet model card"),
         (["{card}", "--input-size", "74", "--certify"], "needs the artifact's lipdet model card"),
         (["{card}", "--json", "no-such-folder/r.json"], "does not exist"),
