@@ -5,6 +5,10 @@ For each architecture: train (Ray Train) -> export (fold -> ONNX per precision, 
 row: parameters, clean and adversarial map_50, drop, certified share, per-head Lipschitz bounds and
 latency per image on the deployed backend.
 
+The test split enters only the eval stage, i.e. the final table: training validates, calibrates
+and reports on images held out of the train split (``lipdet train --val-fraction``), and nothing
+here picks a model, an epoch or a setting by a test-split score.
+
 Every stage runs the stage's own command (``lipdet train`` / ``export`` / ``eval``) in a child
 process, so an experiment is exactly what a user would get typing them, and each stage's output
 file marks it done: an interrupted experiment resumes where it stopped.

@@ -67,3 +67,25 @@ def test_train_step_caps_a_runaway_temperature(tiny_svhn):
     losses = step(images, targets, 0)
     assert math.isfinite(float(losses["loss"]))
     assert max(float(p) for p in step.log_temperatures) == pytest.approx(LOG_TEMPERATURE_CAP)  # float32 of the cap
+
+
+def test_run_calibration_and_its_validation_never_read_the_test_split(tiny_svhn, tmp_path):
+    """``lipdet train``'s post-training step refits on the training images and validates on the
+    held-out ones: with the test split's annotations destroyed it gives the same validation score
+    as :func:`evaluate` on the held-out images."""
+    import shutil
+
+    from lipdet.train.loop import evaluate, load_split
+    from lipdet.train.trainer import TrainOptions, calibrate_run_model, plan_run
+
+    data = tmp_path / "svhn"
+    shutil.copytree(tiny_svhn, data)
+    (data / "test" / "digitStruct.mat").write_bytes(b"not a MATLAB file")
+    plan = plan_run(TrainOptions(data=data, out=str(tmp_path / "runs"), arch="sll-spectral", width=0.25, gpu=False))
+    model = _runaway_model()
+    lines: list[str] = []
+    report = calibrate_run_model(plan, model, lines.append)
+    assert report is not None and report["images"] == 36  # 40 train images less the 4 held out
+    val = evaluate(model, load_split(plan.loop, "val"), plan.loop, torch.device("cpu"), model.priors)
+    assert report["val_map_50"] == val["map_50"] and report["val_map"] == val["map"]
+    assert any(line.startswith("calibrated the class temperatures") for line in lines)
