@@ -10,7 +10,7 @@
 Every backend is called the same way: ``backend(images)`` with ``images`` a float32 CPU tensor
 ``(N, 3, S, S)`` in ``[0, 1]`` returns raw ``(loc (N, P, 4), logits (N, P, C))`` float32 CPU
 tensors, to be post-processed by :mod:`lipdet.postprocess` identically for all backends. Common
-attributes: ``name``, ``path``, ``card`` (the lipdet model card, or None for a foreign ONNX),
+attributes: ``name``, ``path``, ``card`` (the :class:`~lipdet.artifacts.ModelCard`, or None for a foreign ONNX),
 ``input_size``, ``priors`` ``(P, 4)``, ``precision``, ``provider``.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lipdet.artifacts import artifact_kind, load_checkpoint
+from lipdet.artifacts import ModelCard, PlanSidecar, artifact_kind, load_checkpoint
 from lipdet.boxes import PriorSpec, feature_sizes_for, make_priors
 from lipdet.device import DEVICES, resolve_device
 from lipdet.errors import LipdetError
@@ -33,7 +33,7 @@ class Backend:
 
     name: str = "backend"
 
-    def __init__(self, path: Path, card: dict[str, Any] | None, input_size: int, precision: str, provider: str) -> None:
+    def __init__(self, path: Path, card: ModelCard | None, input_size: int, precision: str, provider: str) -> None:
         self.path = Path(path)
         self.card = card
         self.input_size = int(input_size)
@@ -62,9 +62,7 @@ class Backend:
 
     @property
     def num_classes(self) -> int | None:
-        if self.card:
-            return int(self.card["model"]["num_classes"])
-        return None
+        return self.card.model.num_classes if self.card is not None else None
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, {self.provider}) {self.path}"
@@ -73,12 +71,9 @@ class Backend:
         return f"<{type(self).__name__} {self.describe()}>"
 
 
-def priors_from_card(card: dict[str, Any] | None, input_size: int) -> torch.Tensor:
+def priors_from_card(card: ModelCard | None, input_size: int) -> torch.Tensor:
     """Priors ``(P, 4)`` from a card's prior spec; the default Tinier SSD layout without a card."""
-    if card and "priors" in card:
-        spec = PriorSpec.from_dict(card["priors"])
-    else:
-        spec = PriorSpec(feature_sizes=feature_sizes_for(input_size))
+    spec = card.priors if card is not None else PriorSpec(feature_sizes=feature_sizes_for(input_size))
     return make_priors(spec)
 
 
@@ -129,8 +124,8 @@ class OrtBackend(Backend):
             raise LipdetError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
         model = load_onnx(path)
         card = get_card(model, source=str(path))
-        size = _input_size(path, card, input_size, model)
-        precision = str(card.get("precision", "fp32")) if card else _guess_precision(model)
+        size = _input_size(path, card, input_size)
+        precision = card.precision if card is not None else _guess_precision(model)
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise LipdetError(
@@ -161,9 +156,10 @@ class OrtBackend(Backend):
         return torch.from_numpy(loc).float(), torch.from_numpy(logits).float()
 
 
-def _input_size(path: Path, card: dict[str, Any] | None, input_size: int | None, model: Any = None) -> int:
+def _input_size(path: Path, card: ModelCard | None, input_size: int | None) -> int:
+    """The input side (pixels): the card's, else ``input_size``; a one-line LipdetError if they differ or neither is known."""
     if card is not None:
-        size = int(card["model"]["input_size"])
+        size = card.model.input_size
         if input_size is not None and int(input_size) != size:
             raise LipdetError(f"{path}: input size {input_size} given, but the model card says {size}")
         return size
@@ -192,19 +188,19 @@ class TrtBackend(Backend):
 
     def __init__(self, path: Path, device: str = "auto", input_size: int | None = None) -> None:
         from lipdet.export.onnx_export import get_card
-        from lipdet.export.tensorrt import TrtRunner, check_sidecar, current_env, read_sidecar, source_onnx
+        from lipdet.export.tensorrt import TrtRunner, check_sidecar, current_env, source_onnx
 
         if device == "cpu":
             raise LipdetError(f"{path}: a TensorRT plan runs on a GPU only (device 'cpu' asked)")
-        side = read_sidecar(path)
+        side = PlanSidecar.read(path)
         check_sidecar(side, current_env(), plan=path)
         onnx_path = source_onnx(side, path)
         card = get_card(onnx_path)
-        size = _input_size(path, card, input_size if side.get("input_size") is None else int(side["input_size"]))
-        self.sidecar = side
+        size = _input_size(path, card, input_size if side.input_size is None else side.input_size)
+        self.sidecar: PlanSidecar = side
         self.onnx_path = onnx_path
         self.runner = TrtRunner(path)
-        super().__init__(path, card, size, str(side["precision"]), f"TensorRT {side['tensorrt']} on {side['gpu']}")
+        super().__init__(path, card, size, side.precision, f"TensorRT {side.tensorrt} on {side.gpu}")
         self.max_batch = self.runner.max_batch
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ An ONNX Runtime session or a TensorRT engine has no gradients, so attacks craft 
 a torch model with the same weights and replay them on the engine. "The same weights" means the
 ones in the deployed file, not the checkpoint's:
 
-* ``.onnx``: ``build_folded(card["model"])`` loaded from the ONNX values named like the folded
+* ``.onnx``: ``build_folded(card.model)`` loaded from the ONNX values named like the folded
   ``state_dict`` keys -- fp32 initialisers as they are, fp16 ones cast to float32, int8 ones
   dequantised exactly as the runtime does (``scale * (q - zero_point)``, per channel). A bias the
   graph does not hold is zero: ``torch.onnx.export(optimize=True)`` removes an all-zero bias input
@@ -13,13 +13,14 @@ ones in the deployed file, not the checkpoint's:
 * ``.plan``: the source ONNX named in the sidecar (refused if its sha256 changed).
 * ``.pt``: ``fold_model`` of the checkpoint's model.
 
-The twin carries ``.card``, ``.config`` and ``.priors``. What it does not reproduce: the
+The twin carries ``.card`` (a :class:`~lipdet.artifacts.ModelCard`), ``.config`` and ``.priors``. What it does not reproduce: the
 activation rounding of an int8 engine and the fp16 arithmetic of an fp16 one -- so compare before
 attacking with :func:`check_twin`, whose default tolerance depends on the precision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lipdet.artifacts import artifact_kind, load_checkpoint
+from lipdet.artifacts import ModelCard, PlanSidecar, artifact_kind, load_checkpoint
 from lipdet.errors import LipdetError
 from lipdet.parity import agreement, twin_tolerance
 
@@ -40,11 +41,11 @@ def load_twin(path: Path | str) -> nn.Module:
         return _twin_from_checkpoint(path)
     if kind == "onnx":
         return twin_from_onnx(path)
-    from lipdet.export.tensorrt import read_sidecar, source_onnx
+    from lipdet.export.tensorrt import source_onnx
 
-    side = read_sidecar(path)
+    side = PlanSidecar.read(path)
     twin = twin_from_onnx(source_onnx(side, path))
-    twin.card = {**twin.card, "tensorrt": {k: side.get(k) for k in ("tensorrt", "gpu", "compute_capability", "precision")}}
+    twin.card = dataclasses.replace(twin.card, tensorrt=side.trt_info())
     return twin
 
 
@@ -71,13 +72,12 @@ def twin_from_onnx(path: Path | str) -> nn.Module:
     return twin_from_proto(model, card, source=str(path))
 
 
-def twin_from_proto(model: Any, card: dict[str, Any], source: str = "ONNX model") -> nn.Module:
+def twin_from_proto(model: Any, card: ModelCard, source: str = "ONNX model") -> nn.Module:
     """:func:`twin_from_onnx` for an in-memory ``onnx.ModelProto`` and its card."""
     from lipdet.export.precision import onnx_constants
     from lipdet.models import build_folded
-    from lipdet.models.config import ModelConfig
 
-    cfg = ModelConfig.from_dict(card["model"])
+    cfg = card.model
     twin = build_folded(cfg)
     consts = onnx_constants(model)
     state = {}

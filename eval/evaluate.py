@@ -174,7 +174,8 @@ def resolve_eval_data(data: str | Path | None, backend: Any) -> tuple[Path, str]
     """
     if data is not None:
         return Path(resolve_data(Path(data))), f"--data {data}"
-    return resolve_training_data((getattr(backend, "card", None) or {}).get("data"))
+    card = getattr(backend, "card", None)
+    return resolve_training_data(card.data.to_dict() if card is not None and card.data is not None else None)
 
 
 def open_dataset(root: Path, split: str, input_size: int) -> Any:
@@ -298,13 +299,9 @@ def load_eval_twin(model: Any, backend: Any, settings: EvalSettings) -> torch.nn
 
 def postprocess_config(backend: Any, settings: EvalSettings) -> PostprocessConfig:
     """Thresholds: settings overrides, else the model card's ``postprocess``, else the reference defaults."""
-    base = PostprocessConfig()
-    card_pp = ((getattr(backend, "card", None) or {}).get("postprocess") or {}) if isinstance(getattr(backend, "card", None), dict) else {}
-    vals = {
-        "score_threshold": card_pp.get("score_threshold", base.score_threshold),
-        "iou_threshold": card_pp.get("iou_threshold", base.iou_threshold),
-        "top_k": card_pp.get("top_k", base.top_k),
-    }
+    card = getattr(backend, "card", None)
+    base = card.thresholds() if card is not None else PostprocessConfig()
+    vals = {"score_threshold": base.score_threshold, "iou_threshold": base.iou_threshold, "top_k": base.top_k}
     for k in vals:
         if getattr(settings, k) is not None:
             vals[k] = getattr(settings, k)
@@ -376,8 +373,8 @@ class Evaluator:
             if self.bounds is None:  # power iterations on every layer: computed once, shared with Ray workers
                 self.table = layer_table(self.twin)
                 self.bounds = head_bounds(self.twin, self.table)
-            card = getattr(self.backend, "card", None) or getattr(self.twin, "card", None) or {}
-            fs = (card.get("priors") or {}).get("feature_sizes") if isinstance(card, dict) else None
+            card = getattr(self.backend, "card", None) or getattr(self.twin, "card", None)
+            fs = card.priors.feature_sizes if card is not None else None
             self.anchor_bounds = AnchorBounds.from_head_bounds(self.bounds, self.priors.shape[0], fs)
 
     # -- pieces ---------------------------------------------------------------------------------

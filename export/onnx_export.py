@@ -15,7 +15,7 @@ types: Conv/Relu/Sub/MaxPool/Pad/Slice/Transpose/Reshape/Concat, static ``Reshap
 walk and for TensorRT's shape analysis -- and the legacy path warns that it is deprecated since
 torch 2.9. The dynamo export costs ~2.5 s instead of ~1 s.
 
-The model card (:func:`lipdet.artifacts.make_card`) is stored as one JSON string in the ONNX
+The model card (:class:`lipdet.artifacts.ModelCard`) is stored as its one JSON string in the ONNX
 ``metadata_props`` under :data:`lipdet.artifacts.CARD_KEY`, so the file alone says what it is.
 """
 
@@ -26,14 +26,14 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from lipdet.artifacts import CARD_KEY, card_from_json, card_to_json
+from lipdet.artifacts import CARD_KEY, ModelCard
 from lipdet.errors import LipdetError
 from lipdet.parity import ParityError, compare, format_stats, tolerance  # ParityError, compare: also re-exported
 
@@ -201,24 +201,24 @@ def check_graph(model: onnx.ModelProto) -> None:
 # model card
 
 
-def set_card(model: onnx.ModelProto, card: dict[str, Any]) -> onnx.ModelProto:
+def set_card(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
     """Store ``card`` as JSON in ``metadata_props[CARD_KEY]`` (replacing any previous card)."""
     keep = [p for p in model.metadata_props if p.key != CARD_KEY]
     del model.metadata_props[:]
     for p in keep:
         model.metadata_props.add(key=p.key, value=p.value)
-    model.metadata_props.add(key=CARD_KEY, value=card_to_json(card))
+    model.metadata_props.add(key=CARD_KEY, value=card.to_json())
     return model
 
 
-def get_card(model: onnx.ModelProto | str | Path, source: str | None = None) -> dict[str, Any] | None:
-    """The lipdet card of an ONNX model (or file), or None if it has none."""
+def get_card(model: onnx.ModelProto | str | Path, source: str | None = None) -> ModelCard | None:
+    """The lipdet card of an ONNX model (or file), or None if it has none; a bad card is a one-line LipdetError."""
     if not isinstance(model, onnx.ModelProto):
         source = source or str(model)
         model = load_onnx(model, load_weights=False)
     for p in model.metadata_props:
         if p.key == CARD_KEY:
-            return card_from_json(p.value, source=source or "ONNX model")
+            return ModelCard.from_json(p.value, source=source or "ONNX model")
     return None
 
 

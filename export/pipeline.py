@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,13 +32,12 @@ import onnx
 import torch
 from torch import nn
 
-from lipdet.artifacts import load_checkpoint, make_card
-from lipdet.boxes import VARIANCES
+from lipdet.artifacts import LipschitzBounds, ModelCard, PlanSidecar, Source, TrainingData, load_checkpoint, sidecar_path
 from lipdet.data.dataset import SVHNDetection, resolve_data, resolve_training_data
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import INPUT_NAME, check_fold, export_onnx_model, ort_session, run_session, set_card
 from lipdet.export.precision import INT8_FLAVOURS, PRECISIONS, TARGETS, ort_cpu_support, quantize_int8, to_fp16
-from lipdet.export.tensorrt import TrtRunner, build_plan, make_sidecar, require_trt, sidecar_path, sidecar_text
+from lipdet.export.tensorrt import TrtRunner, build_plan, make_sidecar, require_trt
 from lipdet.io import atomic_path, sha256_file
 from lipdet.metrics import batched, map_of
 from lipdet.models import fold_model
@@ -61,7 +60,7 @@ class ExportResult:
     onnx: Path
     plan: Optional[Path] = None
     sidecar: Optional[Path] = None
-    card: dict[str, Any] = field(default_factory=dict)
+    card: Optional[ModelCard] = None
     checks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,7 +136,7 @@ class PlanRequest:
 class PlanResult:
     """:func:`plan_step`: the plan's sidecar and its parity vs ONNX Runtime."""
 
-    sidecar: dict[str, Any]
+    sidecar: PlanSidecar
     stats: dict[str, float]
 
 
@@ -344,23 +343,22 @@ def validation_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, prec: Prec
 
 
 def card_step(req: ExportRequest, fold: Folded, prec: Precision, validation: dict[str, Any],
-              checks: dict[str, Any], say: Say) -> dict[str, Any]:
-    """The model card of the final graph (:func:`lipdet.artifacts.make_card`); ``checks`` is copied into it."""
-    pp = PostprocessConfig()
-    card = make_card(
+              checks: dict[str, Any], say: Say) -> ModelCard:
+    """The model card of the final graph (:meth:`lipdet.artifacts.ModelCard.for_model`); ``checks`` is copied into it."""
+    bounds = LipschitzBounds.from_heads(head_bounds(fold.folded))
+    card = ModelCard.for_model(
         fold.folded,
-        lipschitz=head_bounds(fold.folded),
-        source={"checkpoint": str(req.checkpoint.resolve()), "sha256": sha256_file(req.checkpoint)},
+        lipschitz=bounds,
+        source=Source(checkpoint=str(req.checkpoint.resolve()), sha256=sha256_file(req.checkpoint)),
         precision=req.precision,
         int8_flavour=prec.flavour,
-        data=fold.meta.get("data"),
-        postprocess={**asdict(pp), "variances": list(VARIANCES)},
+        data=TrainingData.from_meta(fold.meta.get("data"), str(req.checkpoint)),
+        postprocess=PostprocessConfig(),
         validation=validation,
         parity={k: v for k, v in checks.items()},
         opset=int(next(o.version for o in prec.model.opset_import if o.domain in ("", "ai.onnx"))),
     )
-    say(f"lipschitz (L2, input pixels -> head outputs): loc {card['lipschitz']['loc']:.4g}, "
-        f"cls {card['lipschitz']['cls']:.4g}")
+    say(f"lipschitz (L2, input pixels -> head outputs): loc {bounds.loc:.4g}, cls {bounds.cls:.4g}")
     return card
 
 
@@ -390,12 +388,12 @@ def plan_step(req: PlanRequest, tmp_onnx: Path, tmp_plan: Path, say: Say) -> Pla
 
 
 def write_outputs(onnx_bytes: bytes, onnx_out: Path, plan_out: Path | None = None,
-                  build: Callable[[Path, Path], dict[str, Any]] | None = None) -> tuple[Path | None, Path | None]:
+                  build: Callable[[Path, Path], PlanSidecar] | None = None) -> tuple[Path | None, Path | None]:
     """Write the ONNX and, with ``plan_out``, the plan and its sidecar: all of them or none.
 
     Each file is written to a temporary name beside its target (:func:`lipdet.io.atomic_path`);
     ``build(tmp_onnx, tmp_plan)`` builds and checks the plan from the temporary ONNX and returns
-    the sidecar dict. Only when everything succeeded are the three renamed into place; any
+    the :class:`~lipdet.artifacts.PlanSidecar`. Only when everything succeeded are the three renamed into place; any
     exception removes every temporary file.
     """
     with contextlib.ExitStack() as stack:
@@ -409,7 +407,7 @@ def write_outputs(onnx_bytes: bytes, onnx_out: Path, plan_out: Path | None = Non
         sidecar = build(tmp_onnx, tmp_plan)
         side_path = sidecar_path(plan_out)
         tmp_side = stack.enter_context(atomic_path(side_path))
-        tmp_side.write_text(sidecar_text(sidecar))
+        tmp_side.write_text(sidecar.to_json())
     return plan_out, side_path
 
 
@@ -417,7 +415,7 @@ def write_step(onnx_bytes: bytes, onnx_out: Path, plan: PlanRequest | None, say:
     """Write the ONNX and, with ``plan``, build, check and write the plan and sidecar (all or none)."""
     built: list[PlanResult] = []
 
-    def build(tmp_onnx: Path, tmp_plan: Path) -> dict[str, Any]:
+    def build(tmp_onnx: Path, tmp_plan: Path) -> PlanSidecar:
         assert plan is not None
         built.append(plan_step(plan, tmp_onnx, tmp_plan, say))
         return built[-1].sidecar

@@ -2,7 +2,7 @@
 
 The plan file holds exactly what ``builder.build_serialized_network`` returned (no header:
 ``trtexec``, Triton and ``trt.Runtime`` load it as is). Everything lipdet needs to know about it
-sits beside it in ``<name>.plan.json``: TensorRT version, GPU name and compute capability it was
+sits beside it in ``<name>.plan.json`` (:class:`lipdet.artifacts.PlanSidecar`): TensorRT version, GPU name and compute capability it was
 built for, precision, optimisation profile, and the source ONNX path and sha256 (the
 differentiable twin is rebuilt from that ONNX, refused if its hash changed).
 
@@ -20,21 +20,18 @@ Nothing in this module needs TensorRT to import; :func:`trt_missing` says what i
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lipdet.artifacts import PlanProfile, PlanSidecar, SourceOnnx
 from lipdet.errors import LipdetError
 from lipdet.io import cache_dir, sha256_file, write_bytes_atomic
 
-SIDECAR_FORMAT = "lipdet-trt-plan"
 INSTALL_HINT = "pip install 'lipdet[gpu]'"
 DEFAULT_WORKSPACE_MB = 1024
-
-SIDECAR_REQUIRED = ("format", "tensorrt", "gpu", "compute_capability", "precision", "profile", "source_onnx")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,12 +102,6 @@ def network_flags(trt: Any) -> int:
 # sidecar
 
 
-def sidecar_path(plan: str | Path) -> Path:
-    """``model.plan`` -> ``model.plan.json``."""
-    plan = Path(plan)
-    return plan.with_name(plan.name + ".json")
-
-
 def make_sidecar(
     *,
     env: dict[str, str],
@@ -126,106 +117,59 @@ def make_sidecar(
     workspace_bytes: int,
     timing_cache: str | None,
     parity: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """The sidecar JSON object describing a plan."""
-    import lipdet
-
-    shape = lambda n: [int(n), 3, int(input_size), int(input_size)]  # noqa: E731
-    return {
-        "format": SIDECAR_FORMAT,
-        "version": 1,
-        "lipdet_version": lipdet.__version__,
-        "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tensorrt": env["tensorrt"],
-        "gpu": env["gpu"],
-        "compute_capability": env["compute_capability"],
-        "precision": precision,
-        "int8_flavour": int8_flavour,
-        "profile": {"input": input_name, "min": shape(min_batch), "opt": shape(opt_batch), "max": shape(max_batch)},
-        "max_batch": int(max_batch),
-        "input_size": int(input_size),
-        "source_onnx": {"path": str(Path(onnx_path).resolve()), "sha256": onnx_sha256},
-        "workspace_bytes": int(workspace_bytes),
-        "timing_cache": timing_cache,
-        "parity": parity,
-    }
+) -> PlanSidecar:
+    """The sidecar of a plan just built (batches in images, ``input_size`` in pixels, workspace in bytes)."""
+    shape = lambda n: (int(n), 3, int(input_size), int(input_size))  # noqa: E731
+    return PlanSidecar(
+        built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        tensorrt=env["tensorrt"], gpu=env["gpu"], compute_capability=env["compute_capability"],
+        precision=precision, int8_flavour=int8_flavour,
+        profile=PlanProfile(input=input_name, min=shape(min_batch), opt=shape(opt_batch), max=shape(max_batch)),
+        max_batch=int(max_batch), input_size=int(input_size),
+        source_onnx=SourceOnnx(path=str(Path(onnx_path).resolve()), sha256=onnx_sha256),
+        workspace_bytes=int(workspace_bytes), timing_cache=timing_cache, parity=parity,
+    )
 
 
-def sidecar_text(sidecar: dict[str, Any]) -> str:
-    """The sidecar file's text (sorted, indented JSON): the one serialisation export and tests write."""
-    return json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-
-
-def write_sidecar(plan: str | Path, sidecar: dict[str, Any]) -> Path:
-    """Write ``sidecar`` next to ``plan`` (atomically), for a plan built outside ``lipdet export``."""
-    path = sidecar_path(plan)
-    write_bytes_atomic(path, sidecar_text(sidecar).encode())
-    return path
-
-
-def read_sidecar(plan: str | Path) -> dict[str, Any]:
-    """Load and structurally validate the sidecar of ``plan``; one-line LipdetError if unusable."""
-    plan = Path(plan)
-    path = sidecar_path(plan)
-    if not path.is_file():
-        raise LipdetError(
-            f"{plan}: no sidecar {path.name} beside the plan; lipdet needs it to check the plan matches this "
-            "TensorRT and GPU -- rebuild with: lipdet export MODEL.pt --trt"
-        )
-    try:
-        side = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LipdetError(f"{path}: not valid JSON") from None
-    if not isinstance(side, dict) or side.get("format") != SIDECAR_FORMAT:
-        raise LipdetError(f"{path}: not a lipdet plan sidecar (format is not '{SIDECAR_FORMAT}')")
-    missing = [k for k in SIDECAR_REQUIRED if k not in side]
-    if missing:
-        raise LipdetError(f"{path}: sidecar is missing {', '.join(missing)}")
-    src = side["source_onnx"]
-    if not isinstance(src, dict) or not {"path", "sha256"} <= set(src):
-        raise LipdetError(f"{path}: sidecar 'source_onnx' needs 'path' and 'sha256'")
-    return side
-
-
-def check_sidecar(side: dict[str, Any], env: dict[str, str] | None, plan: str | Path = "plan") -> None:
+def check_sidecar(side: PlanSidecar, env: dict[str, str] | None, plan: str | Path = "plan") -> None:
     """Refuse a plan that cannot load here: no TensorRT/GPU, another TensorRT version, another GPU.
 
     ``env`` is :func:`current_env` (None when TensorRT or the GPU is missing).
     """
     if env is None:
         raise LipdetError(
-            f"{plan} is a TensorRT {side['tensorrt']} engine for {side['gpu']}; running it needs that GPU and "
+            f"{plan} is a TensorRT {side.tensorrt} engine for {side.gpu}; running it needs that GPU and "
             f"TensorRT here: {trt_missing() or 'TensorRT unavailable'}"
         )
-    if str(side["tensorrt"]) != str(env["tensorrt"]):
+    if side.tensorrt != str(env["tensorrt"]):
         raise LipdetError(
-            f"{plan} was built with TensorRT {side['tensorrt']} but this machine has TensorRT {env['tensorrt']}; "
+            f"{plan} was built with TensorRT {side.tensorrt} but this machine has TensorRT {env['tensorrt']}; "
             "plans only load on the version that built them -- rebuild it here with: lipdet export MODEL.pt --trt"
         )
-    if str(side["gpu"]) != str(env["gpu"]) or str(side["compute_capability"]) != str(env["compute_capability"]):
+    if side.gpu != str(env["gpu"]) or side.compute_capability != str(env["compute_capability"]):
         raise LipdetError(
-            f"{plan} was built for {side['gpu']} (compute capability {side['compute_capability']}) but this GPU is "
+            f"{plan} was built for {side.gpu} (compute capability {side.compute_capability}) but this GPU is "
             f"{env['gpu']} ({env['compute_capability']}); rebuild it here with: lipdet export MODEL.pt --trt"
         )
 
 
-def source_onnx(side: dict[str, Any], plan: str | Path) -> Path:
+def source_onnx(side: PlanSidecar, plan: str | Path) -> Path:
     """The ONNX a plan was built from, checked against the sidecar's sha256.
 
     Looks at the recorded absolute path, then for a file of the same name beside the plan (a
     folder moved as a whole). LipdetError if missing or changed.
     """
     plan = Path(plan)
-    recorded = Path(side["source_onnx"]["path"])
+    recorded = Path(side.source_onnx.path)
     candidates = [recorded, plan.parent / recorded.name]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise LipdetError(f"{plan}: its source ONNX {recorded} is missing (looked beside the plan too)")
     digest = sha256_file(found)
-    if digest != side["source_onnx"]["sha256"]:
+    if digest != side.source_onnx.sha256:
         raise LipdetError(
             f"{plan}: source ONNX {found} has changed since the plan was built (sha256 {digest[:12]}... != "
-            f"{str(side['source_onnx']['sha256'])[:12]}...); re-export both with: lipdet export MODEL.pt --trt"
+            f"{side.source_onnx.sha256[:12]}...); re-export both with: lipdet export MODEL.pt --trt"
         )
     return found
 

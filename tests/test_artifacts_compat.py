@@ -34,7 +34,7 @@ def test_old_onnx_evaluates_attacks_and_certifies(tiny_svhn):
     from lipdet.eval.evaluate import EvalSettings, evaluate
 
     backend = load_backend(FIXTURES / "model.onnx")
-    assert backend.card["model"]["arch"] == "sll-spectral" and backend.precision == "fp32"
+    assert backend.card.model.arch == "sll-spectral" and backend.precision == "fp32"
     x = torch.rand(4, 3, 32, 32)
     assert check_twin(load_twin(FIXTURES / "model.onnx"), backend, x) < 1e-4
     result = evaluate(FIXTURES / "model.onnx", data=tiny_svhn,

@@ -7,6 +7,7 @@ source-ONNX hash check, and the one-line refusal without TensorRT / GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -18,22 +19,13 @@ import pytest
 from lipdet.io import write_bytes_atomic
 import torch
 
-from lipdet.artifacts import make_card, save_checkpoint
+from lipdet.artifacts import PlanSidecar, SourceOnnx, make_card, save_checkpoint, sidecar_path
 from lipdet.deploy.backends import OrtBackend, TorchBackend, load_backend
 from lipdet.deploy.twin import check_twin, load_twin
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import compare, export_onnx_model, set_card
 from lipdet.export.precision import quantize_int8
-from lipdet.export.tensorrt import (
-    check_sidecar,
-    make_sidecar,
-    network_flags,
-    read_sidecar,
-    sidecar_path,
-    source_onnx,
-    trt_missing,
-    write_sidecar,
-)
+from lipdet.export.tensorrt import check_sidecar, make_sidecar, network_flags, source_onnx, trt_missing
 from lipdet.io import sha256_file
 from lipdet.models import build_model, fold_model
 
@@ -80,7 +72,7 @@ def artifacts(tmp_path_factory):
 def test_torch_backend(artifacts):
     b = load_backend(artifacts["ckpt"])
     assert isinstance(b, TorchBackend) and b.name == "torch" and b.precision == "fp32"
-    assert b.input_size == SIZE and tuple(b.priors.shape) == (PRIORS, 4) and b.card["model"]["arch"] == "sll-l2"
+    assert b.input_size == SIZE and tuple(b.priors.shape) == (PRIORS, 4) and b.card.model.arch == "sll-l2"
     loc, logits = b(artifacts["images"])
     with torch.no_grad():
         ref = artifacts["model"](artifacts["images"])
@@ -91,7 +83,7 @@ def test_torch_backend(artifacts):
 def test_ort_backend_fp32_and_batching(artifacts):
     b = load_backend(artifacts["fp32"])
     assert isinstance(b, OrtBackend) and b.name == "onnxruntime"
-    assert b.provider == "CPUExecutionProvider" and b.precision == "fp32" and b.card["precision"] == "fp32"
+    assert b.provider == "CPUExecutionProvider" and b.precision == "fp32" and b.card.precision == "fp32"
     torch.testing.assert_close(b.priors, artifacts["folded"].priors)
     x = artifacts["images"]
     loc, logits = b(x)
@@ -146,7 +138,7 @@ def test_twin_of_checkpoint_and_fp32_onnx(artifacts):
     twin_pt = load_twin(artifacts["ckpt"])
     twin_onnx = load_twin(artifacts["fp32"])
     for twin in (twin_pt, twin_onnx):
-        assert twin.card["model"]["arch"] == "sll-l2" and twin.config.input_size == SIZE
+        assert twin.card.model.arch == "sll-l2" and twin.config.input_size == SIZE
         assert tuple(twin.priors.shape) == (PRIORS, 4) and not twin.training
     for (k, a), (k2, b) in zip(twin_onnx.state_dict().items(), artifacts["folded"].state_dict().items()):
         assert k == k2 and torch.equal(a, b)
@@ -203,17 +195,17 @@ def plan(artifacts, tmp_path):
     side = make_sidecar(env=ENV, precision="fp32", int8_flavour=None, input_name="images", input_size=SIZE,
                         min_batch=1, opt_batch=64, max_batch=64, onnx_path=onnx_path,
                         onnx_sha256=sha256_file(onnx_path), workspace_bytes=1 << 30, timing_cache=None)
-    assert write_sidecar(plan, side) == tmp_path / "model.plan.json"
+    assert side.write(plan) == tmp_path / "model.plan.json"
     return plan
 
 
 def test_sidecar_round_trip(plan):
-    side = read_sidecar(plan)
-    assert side["tensorrt"] == ENV["tensorrt"] and side["gpu"] == ENV["gpu"] and side["compute_capability"] == "9.0"
-    assert side["profile"] == {"input": "images", "min": [1, 3, SIZE, SIZE], "opt": [64, 3, SIZE, SIZE],
-                               "max": [64, 3, SIZE, SIZE]}
-    assert side["precision"] == "fp32" and side["max_batch"] == 64
-    assert Path(side["source_onnx"]["path"]).is_absolute()
+    side = PlanSidecar.read(plan)
+    assert side.tensorrt == ENV["tensorrt"] and side.gpu == ENV["gpu"] and side.compute_capability == "9.0"
+    assert side.profile.to_dict() == {"input": "images", "min": [1, 3, SIZE, SIZE], "opt": [64, 3, SIZE, SIZE],
+                                      "max": [64, 3, SIZE, SIZE]}
+    assert side.precision == "fp32" and side.max_batch == 64
+    assert Path(side.source_onnx.path).is_absolute()
     assert plan.read_bytes() == b"\x00serialized-engine"  # the plan stays bare: no header prepended
     check_sidecar(side, dict(ENV), plan)  # same TensorRT and GPU: accepted
 
@@ -229,14 +221,14 @@ def test_sidecar_round_trip(plan):
 )
 def test_sidecar_refuses_other_tensorrt_or_gpu(plan, change, message):
     with pytest.raises(LipdetError, match=message):
-        check_sidecar(read_sidecar(plan), {**ENV, **change}, plan)
+        check_sidecar(PlanSidecar.read(plan), {**ENV, **change}, plan)
 
 
 def test_sidecar_without_tensorrt_or_gpu(plan):
     if trt_missing() is None:
         pytest.skip("TensorRT and a GPU are available here")
     with pytest.raises(LipdetError, match="pip install 'lipdet\\[gpu\\]'") as e:
-        check_sidecar(read_sidecar(plan), None, plan)
+        check_sidecar(PlanSidecar.read(plan), None, plan)
     assert "\n" not in str(e.value)
     with pytest.raises(LipdetError, match="pip install 'lipdet\\[gpu\\]'"):
         load_backend(plan)  # the backend checks before TensorRT is asked to load anything
@@ -246,30 +238,29 @@ def test_bad_sidecars(plan):
     path = sidecar_path(plan)
     path.unlink()
     with pytest.raises(LipdetError, match="no sidecar model.plan.json"):
-        read_sidecar(plan)
+        PlanSidecar.read(plan)
     with pytest.raises(LipdetError, match="no sidecar"):
         load_backend(plan)
     path.write_text("{not json")
     with pytest.raises(LipdetError, match="not valid JSON"):
-        read_sidecar(plan)
+        PlanSidecar.read(plan)
     path.write_text(json.dumps({"format": "ultralytics"}))
     with pytest.raises(LipdetError, match="not a lipdet plan sidecar"):
-        read_sidecar(plan)
+        PlanSidecar.read(plan)
     path.write_text(json.dumps({"format": "lipdet-trt-plan", "tensorrt": "10"}))
     with pytest.raises(LipdetError, match="missing gpu"):
-        read_sidecar(plan)
+        PlanSidecar.read(plan)
 
 
 def test_plan_twin_from_source_onnx_and_hash_check(plan, artifacts, tmp_path):
     twin = load_twin(plan)  # needs no GPU: the twin comes from the plan's source ONNX
-    assert twin.card["tensorrt"]["tensorrt"] == ENV["tensorrt"]
+    assert twin.card.tensorrt.tensorrt == ENV["tensorrt"]
     for a, b in zip(twin.state_dict().values(), artifacts["folded"].state_dict().values()):
         assert torch.equal(a, b)
     # a folder moved as a whole: the ONNX is found beside the plan
-    side = read_sidecar(plan)
-    side["source_onnx"]["path"] = "/elsewhere/model.onnx"
-    write_sidecar(plan, side)
-    assert source_onnx(read_sidecar(plan), plan) == tmp_path / "model.onnx"
+    side = PlanSidecar.read(plan)
+    dataclasses.replace(side, source_onnx=SourceOnnx("/elsewhere/model.onnx", side.source_onnx.sha256)).write(plan)
+    assert source_onnx(PlanSidecar.read(plan), plan) == tmp_path / "model.onnx"
     # the ONNX changed after the plan was built: refused
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(artifacts["int8"].read_bytes())

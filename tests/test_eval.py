@@ -8,6 +8,7 @@ JSON round-trip; every bad input is a one-line error with exit code 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -91,7 +92,7 @@ def _int8_artifact(pt: Path, fp32_onnx: Path, data: Path, quiet) -> Path:
     card = get_card(fp32)
     calib = torch.stack([SVHNDetection(data, "train", S)[i][0] for i in range(16)])
     q = quantize_int8(fp32, calib, target="ort")
-    set_card(q, {**card, "precision": "int8", "int8_flavour": INT8_FLAVOURS["ort"]})
+    set_card(q, dataclasses.replace(card, precision="int8", int8_flavour=INT8_FLAVOURS["ort"]))
     out = pt.with_name("model.int8.onnx")
     _save(q, out)
     return out
@@ -316,7 +317,8 @@ def test_bad_inputs_exit_2_with_one_line(env, tmp_path):
     (tmp_path / "other.plan").write_bytes(b"\0" * 64)
     (tmp_path / "other.plan.json").write_text(json.dumps({
         "format": "lipdet-trt-plan", "tensorrt": "0.0.1", "gpu": "Imaginary GPU 9000", "compute_capability": "99.0",
-        "precision": "fp32", "profile": {"min": 1, "opt": 8, "max": 8},
+        "precision": "fp32",
+        "profile": {"input": "images", "min": [1, 3, S, S], "opt": [8, 3, S, S], "max": [8, 3, S, S]},
         "source_onnx": {"path": str(env["onnx"]), "sha256": "0" * 64}}))
     (tmp_path / "notsvhn").mkdir()
     onnx_ = str(env["onnx"])

@@ -151,25 +151,26 @@ def test_dynamic_batch_and_parity_with_folded_torch(fp32_export, ckpt, real_imag
 
 
 def test_card_round_trip_and_lipschitz_from_onnx_weights(fp32_export, ckpt):
+    from lipdet.artifacts import Source
     from lipdet.deploy.twin import load_twin
     from lipdet.io import sha256_file
     from lipdet.models.lipschitz import head_bounds
 
     card = get_card(fp32_export.onnx)
     assert card == fp32_export.card
-    assert card["precision"] == "fp32" and card["int8_flavour"] is None
-    assert card["model"]["arch"] == ARCH and card["model"]["width"] == WIDTH
-    assert card["source"] == {"checkpoint": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
-    assert card["data"]["synthetic"] is True
-    assert card["postprocess"]["score_threshold"] == 0.2 and card["postprocess"]["top_k"] == 20
-    assert card["validation"]["split"] == "test" and 0.0 <= card["validation"]["fp32"]["map_50"] <= 1.0
+    assert card.precision == "fp32" and card.int8_flavour is None
+    assert card.model.arch == ARCH and card.model.width == WIDTH
+    assert card.source == Source(checkpoint=str(ckpt.resolve()), sha256=sha256_file(ckpt))
+    assert card.data.synthetic is True
+    assert card.postprocess.score_threshold == 0.2 and card.postprocess.top_k == 20
+    assert card.validation["split"] == "test" and 0.0 <= card.validation["fp32"]["map_50"] <= 1.0
     # bounds recomputed from the ONNX weights alone match the checkpoint's (the card holds
     # head_bounds of the checkpoint's folded model, computed at export)
     from_onnx = head_bounds(load_twin(fp32_export.onnx))
     for key in ("loc", "cls"):
-        assert from_onnx[key] == pytest.approx(card["lipschitz"][key], rel=1e-6)
-    for a, b in zip(from_onnx["per_scale"], card["lipschitz"]["per_scale"]):
-        assert a["cls"] == pytest.approx(b["cls"], rel=1e-6) and a["tap"] == b["tap"]
+        assert from_onnx[key] == pytest.approx(getattr(card.lipschitz, key), rel=1e-6)
+    for a, b in zip(from_onnx["per_scale"], card.lipschitz.per_scale):
+        assert a["cls"] == pytest.approx(b.cls, rel=1e-6) and a["tap"] == b.tap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,17 +190,17 @@ def test_fp16_export(tmp_path, ckpt, real_images):
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
     assert graph_problems(model) == []
     card = get_card(out)
-    assert card["precision"] == "fp16"
+    assert card.precision == "fp16"
     ok, reason = ort_cpu_support(model, SIZE)
     if ok:  # ONNX Runtime 1.32's CPU provider runs fp16 Conv graphs: it is evaluated for real
         assert res.checks["onnx_fp16_vs_fp32"]["rel"] < 1e-2
-        assert card["validation"]["fp16"] is not None and "map_50_change" in card["validation"]
+        assert card.validation["fp16"] is not None and "map_50_change" in card.validation
         got = run_session(ort_session(model), real_images)
         ref = fold_model(load_model(ckpt))(real_images)
         stats = compare(got, ref)
         assert 0 < stats["rel"] < 1e-2 and stats["cosine"] > 0.9999  # fp16 arithmetic, close to fp32
     else:  # it must say so, never evaluate something else
-        assert "cannot run" in card["validation"]["not_evaluated"]
+        assert "cannot run" in card.validation["not_evaluated"]
         from lipdet.deploy.backends import load_backend
 
         with pytest.raises(LipdetError, match="ONNX Runtime cannot load"):
@@ -282,8 +283,8 @@ def test_cli_latest_run_int8_writes_beside_it(tmp_path, data_root, monkeypatch, 
     assert "parity: ONNX Runtime fp32 vs folded torch" in out and "parity: int8 vs fp32" in out
     assert "validation map_50" in out and "-> int8" in out
     card = get_card(onnx_path)
-    assert card["precision"] == "int8" and card["int8_flavour"] == "u8u8-asymmetric"
-    v = card["validation"]
+    assert card.precision == "int8" and card.int8_flavour == "u8u8-asymmetric"
+    v = card.validation
     assert v["int8"] is not None and v["map_50_change"] == pytest.approx(v["int8"]["map_50"] - v["fp32"]["map_50"])
     assert v["parity_vs_fp32"]["cosine"] > 0.99
     sess = ort_session(onnx_path)
@@ -379,9 +380,9 @@ def test_cli_unwritable_output_exit_2_and_write_nothing(tmp_path, ckpt, capsys):
 def test_write_outputs_all_or_nothing(tmp_path):
     """ONNX + plan + sidecar are renamed into place together, or none is (a failing TensorRT build)."""
     from lipdet.export.cli import write_outputs
-    from lipdet.export.tensorrt import read_sidecar
+    from lipdet.artifacts import PlanProfile, PlanSidecar, SourceOnnx
 
-    def failing_build(tmp_onnx: Path, tmp_plan: Path) -> dict:
+    def failing_build(tmp_onnx: Path, tmp_plan: Path) -> PlanSidecar:
         assert tmp_onnx.read_bytes() == b"onnx-bytes"  # the plan is built from the written temp ONNX
         tmp_plan.write_bytes(b"half a plan")
         raise LipdetError("simulated TensorRT build failure")
@@ -390,14 +391,15 @@ def test_write_outputs_all_or_nothing(tmp_path):
         write_outputs(b"onnx-bytes", tmp_path / "m.onnx", tmp_path / "m.plan", failing_build)
     assert list(tmp_path.iterdir()) == []
 
-    def good_build(tmp_onnx: Path, tmp_plan: Path) -> dict:
+    def good_build(tmp_onnx: Path, tmp_plan: Path) -> PlanSidecar:
         tmp_plan.write_bytes(b"plan")
-        return {"format": "lipdet-trt-plan", "tensorrt": "10.9.0", "gpu": "g", "compute_capability": "9.0",
-                "precision": "fp32", "profile": {}, "source_onnx": {"path": str(tmp_path / "m.onnx"), "sha256": "x"}}
+        return PlanSidecar(tensorrt="10.9.0", gpu="g", compute_capability="9.0", precision="fp32",
+                           profile=PlanProfile(input="images", min=(1, 3, 32, 32), opt=(8, 3, 32, 32), max=(8, 3, 32, 32)),
+                           source_onnx=SourceOnnx(path=str(tmp_path / "m.onnx"), sha256="x"))
 
     plan, side = write_outputs(b"onnx-bytes", tmp_path / "m.onnx", tmp_path / "m.plan", good_build)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.plan", "m.plan.json"]
-    assert side == tmp_path / "m.plan.json" and read_sidecar(plan)["tensorrt"] == "10.9.0"
+    assert side == tmp_path / "m.plan.json" and PlanSidecar.read(plan).tensorrt == "10.9.0"
     assert write_outputs(b"x", tmp_path / "only.onnx") == (None, None) and (tmp_path / "only.onnx").read_bytes() == b"x"
 
 

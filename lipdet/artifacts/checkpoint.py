@@ -1,4 +1,4 @@
-"""Artifact formats shared by every stage: training checkpoints and the model card.
+"""Training checkpoints (``model.pt``) and the one suffix dispatch of lipdet's artifacts.
 
 A checkpoint (``model.pt``) is a plain dict that ``torch.load(..., weights_only=True)`` accepts::
 
@@ -7,15 +7,11 @@ A checkpoint (``model.pt``) is a plain dict that ``torch.load(..., weights_only=
 
 ``meta`` holds JSON-able facts about the run (dataset root, epoch, metrics). Training resumption
 state (optimizer, scheduler) lives in Ray Train's own checkpoints, not here.
-
-The model card is one JSON object that travels with every exported model (inside the ONNX file's
-``metadata_props`` under :data:`CARD_KEY`), so a deployed artifact alone says what it is.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -26,16 +22,13 @@ import torch
 from torch import nn
 
 import lipdet
-from lipdet.boxes import VARIANCES
+from lipdet.artifacts.card import ModelCard, Source, TrainingData
+from lipdet.artifacts.fields import check_version
 from lipdet.errors import LipdetError
 from lipdet.io import atomic_path
-from lipdet.models.config import CLASS_NAMES, ModelConfig
+from lipdet.models.config import ModelConfig
 
 CHECKPOINT_FORMAT = "lipdet-checkpoint"
-CARD_KEY = "lipdet"
-CARD_FORMAT = "lipdet-model-card"
-CARD_VERSIONS = (1,)
-"""Model card versions this lipdet reads (the one it writes is the last)."""
 CHECKPOINT_VERSIONS = (1,)
 """Checkpoint versions this lipdet reads (the one it writes is the last)."""
 
@@ -66,10 +59,11 @@ class Checkpoint:
             raise LipdetError(f"{self.path}: weights do not match the recorded {self.config.arch} architecture") from e
         return model.eval()
 
-    def card(self, model: nn.Module) -> dict[str, Any]:
+    def card(self, model: nn.Module) -> ModelCard:
         """The model card of a checkpoint served as it is (fp32, source path, training data)."""
-        source = {"checkpoint": str(Path(self.path).resolve())} if self.path is not None else {}
-        return make_card(model, precision="fp32", source=source, data=self.data)
+        source = Source(checkpoint=str(Path(self.path).resolve())) if self.path is not None else None
+        data = TrainingData.from_meta(self.data, str(self.path))
+        return ModelCard.for_model(model, precision="fp32", source=source, data=data)
 
 
 def checkpoint_dict(model: nn.Module, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,7 +105,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise LipdetError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise LipdetError(f"{path}: not a lipdet checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
-    _check_version(obj.get("version"), CHECKPOINT_VERSIONS, "checkpoint", str(path), obj.get("lipdet_version"))
+    check_version(obj.get("version"), CHECKPOINT_VERSIONS, "checkpoint", str(path), obj.get("lipdet_version"))
     try:
         cfg = ModelConfig.from_dict(obj["config"])
         state = obj["state_dict"]
@@ -139,53 +133,3 @@ def artifact_kind(path: str | Path) -> str:
         raise LipdetError(f"{path}: unknown model type '{path.suffix.lower()}'; expected a .pt checkpoint, "
                           "an .onnx model or a .plan engine")
     return kind
-
-
-def make_card(model: nn.Module, **fields: Any) -> dict[str, Any]:
-    """The model card of ``model``: its config, input contract, classes and priors, plus ``fields``.
-
-    Export adds ``lipschitz`` (per-head bounds), ``source`` (checkpoint path and sha256),
-    ``precision``, ``data`` (the dataset it was trained on) and ``postprocess`` thresholds.
-    """
-    cfg: ModelConfig = model.config
-    card: dict[str, Any] = {
-        "format": CARD_FORMAT,
-        "version": CARD_VERSIONS[-1],
-        "lipdet_version": lipdet.__version__,
-        "model": cfg.to_dict(),
-        "input": {
-            "name": "images",
-            "shape": ["N", 3, cfg.input_size, cfg.input_size],
-            "range": [0.0, 1.0],
-            "normalisation": "x - 0.5, inside the graph",
-        },
-        "outputs": {"loc": "N x P x 4 SSD offsets", "logits": "N x P x C class logits (0 = background)"},
-        "class_names": list(CLASS_NAMES),
-        "priors": model.prior_spec.to_dict(),
-        "variances": list(VARIANCES),
-    }
-    card.update(fields)
-    return card
-
-
-def card_to_json(card: dict[str, Any]) -> str:
-    return json.dumps(card, sort_keys=True)
-
-
-def card_from_json(text: str, source: str = "model") -> dict[str, Any]:
-    try:
-        card = json.loads(text)
-    except json.JSONDecodeError:
-        raise LipdetError(f"{source}: lipdet model card is not valid JSON") from None
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise LipdetError(f"{source}: metadata is not a lipdet model card")
-    _check_version(card.get("version"), CARD_VERSIONS, "model card", source, card.get("lipdet_version"))
-    return card
-
-
-def _check_version(version: Any, known: tuple[int, ...], what: str, source: str, writer: Any) -> None:
-    """One-line refusal of an artifact version this lipdet cannot read."""
-    if version not in known:
-        by = f" (written by lipdet {writer})" if writer else ""
-        raise LipdetError(f"{source}: {what} version {version!r}{by} is not one this lipdet {lipdet.__version__} "
-                          f"reads ({', '.join(map(str, known))}); upgrade lipdet or re-export the model")
