@@ -48,6 +48,7 @@ def test_two_workers_match_one(tiny, ray_cluster):
     a["settings"].pop("workers")
     b["settings"].pop("workers")
     assert a == b
+    assert a["pgd"]["loss"] == "ensemble" and len(a["pgd"]["losses"]) > 1  # the default: the per-image worst of losses
     assert [r.index for r in two.records] == list(range(8))
     n_dets = 0
     for r1, r2 in zip(one.records, two.records):
@@ -57,6 +58,9 @@ def test_two_workers_match_one(tiny, ray_cluster):
                 assert torch.equal(d1[k], d2[k]), (r1.index, which, k)
             n_dets += d1["boxes"].shape[0]
         assert torch.equal(r1.cert["radius"], r2.cert["radius"])
+        assert r1.pgd_winner == r2.pgd_winner and set(r1.pgd_by_loss) == set(a["pgd"]["losses"])
+        for name, d1 in r1.pgd_by_loss.items():
+            assert all(torch.equal(d1[k], r2.pgd_by_loss[name][k]) for k in ("boxes", "scores", "labels"))
         assert r1.loss == r2.loss
     assert n_dets > 0  # the comparison is not vacuous
     assert any(r.loss["pgd"] != s.loss["pgd"] for r, s in zip(one.records, other.records))
