@@ -1,6 +1,7 @@
 """``lipdet train`` end to end on real Ray Train workers (the session's one local cluster).
 
-Tiny everything: 40 synthetic train images, 16 test images, width 0.25, 1-2 epochs.
+Tiny everything: 40 synthetic train images (4 of them held out for validation), width 0.25, 1-2
+epochs; the 16 test images are never read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from lipdet.artifacts import load_checkpoint, load_model
 from lipdet.cli import main
+from lipdet.data.dataset import SVHNDetection
+from lipdet.data.split import ValSplit
 from lipdet.errors import LipdetError
 from lipdet.train.loop import default_threads, load_train_state
 from lipdet.train.trainer import TrainOptions, run_training
@@ -81,7 +84,7 @@ def test_two_workers_end_to_end(two_worker_run):
     # model.pt: the lipdet checkpoint format, loadable, with the run's facts
     model = load_model(run / "model.pt")
     meta = load_checkpoint(run / "model.pt").meta
-    assert meta["data"] == {"root": str(r["data"].resolve()), "synthetic": False}
+    assert {k: meta["data"][k] for k in ("root", "synthetic")} == {"root": str(r["data"].resolve()), "synthetic": False}
     assert meta["epochs"] == 2 and meta["arch"] == "naive" and meta["run"] == "e2e"
     assert meta["metrics"]["val_map_50"] == hist[-1]["val_map_50"]
     sd = model.state_dict()
@@ -94,6 +97,25 @@ def test_two_workers_end_to_end(two_worker_run):
 
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (r["out"] / "LATEST").read_text().strip() == "e2e"
+
+
+def test_the_validation_split_is_held_out_recorded_and_shown(two_worker_run):
+    """The run validated on 4 of the 40 train images (the default 10%, seed 0), said so in its start
+    line, metrics.jsonl and checkpoint, and recorded exactly which images in the checkpoint and card."""
+    r = two_worker_run
+    assert r["code"] == 0, r["stderr"]
+    label = "validation (4 images held out of train, seed 0)"
+    start = next(line for line in r["stderr"].splitlines() if line.startswith("training naive"))
+    assert label in start
+    assert f"36 train images, {label}" in r["stderr"]  # the workers' own count
+    assert all(h["validation"] == label for h in _history(r["run"]))
+    ck = load_checkpoint(r["run"] / "model.pt")
+    names = [rec.name for rec in SVHNDetection(r["data"], "train").records]
+    assert ck.meta["data"]["val"] == ValSplit().record(names)
+    assert ck.meta["data"]["val"]["count"] == 4 and ck.meta["validation"] == label
+    card = ck.card(ck.build_model())
+    card = card if isinstance(card, dict) else card.to_dict()  # the card as its JSON carries it
+    assert card["data"]["val"] == ck.meta["data"]["val"]
 
 
 def test_killed_worker_is_replaced_and_the_run_resumes(two_worker_run):
