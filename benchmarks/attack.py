@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from lipdet.eval.attacks import AttackLoss, pgd_l2
+from lipdet.eval.attacks import ATTACK_LOSSES, AttackLoss, pgd_l2
 from lipdet.hardware import machine
 from lipdet.models import build_model, fold_model
 
@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--loss", default="multibox")
+    ap.add_argument("--loss", default="multibox", choices=ATTACK_LOSSES,
+                    help="one attack loss (lipdet eval's default ensemble is one PGD per loss, back to back)")
     ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                     help="cpu = this process's CPU time (stable on a shared machine; auto: cpu on CPU, wall on GPU)")
     args = ap.parse_args()
