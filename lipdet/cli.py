@@ -21,7 +21,8 @@ app = typer.Typer(
     help=(
         "Train Lipschitz-constrained Tinier SSD detectors on Ray, export them to ONNX/TensorRT, "
         "and measure their robustness on the deployed artifact.\n\n"
-        "Typical flow: lipdet train --workers 2 ; lipdet export --trt ; lipdet eval engine.plan --pgd"
+        "Typical flow: lipdet train --workers 2 ; lipdet export --trt ; lipdet eval engine.plan --pgd ; "
+        "lipdet serve engine.plan"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -48,6 +49,7 @@ def _root(
 def _register() -> None:
     """Attach every stage's command, in the order a user runs them."""
     from lipdet.data.cli import app as data_app
+    from lipdet.deploy.cli import command as serve_command
     from lipdet.eval.cli import command as eval_command
     from lipdet.experiment import command as experiment_command
     from lipdet.export.cli import command as export_command
@@ -57,6 +59,7 @@ def _register() -> None:
     app.command("train")(train_command)
     app.command("export")(export_command)
     app.command("eval")(eval_command)
+    app.command("serve")(serve_command)
     app.command("experiment")(experiment_command)
     app.command("lipschitz")(lipschitz_command)
     app.add_typer(data_app, name="data", help="Make, inspect and download SVHN format-1 data.")

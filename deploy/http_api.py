@@ -1,0 +1,156 @@
+"""The HTTP API of ``lipdet serve``, without Ray: what each endpoint reads, checks and answers.
+
+Endpoints (the Ray Serve deployment in :mod:`lipdet.deploy.serve` routes them here):
+
+* ``POST /v1/detect``: body = one PNG/JPEG image of any size -> ``{"image": {"width", "height"},
+  "detections": [{"bbox": [x, y, w, h], "category_id": digit, "score": p}, ...], "model": {...}}``,
+  boxes in the image's own pixels (COCO results style).
+* ``POST /v1/infer``: body = a ``.npy`` float32 array ``(N, 3, S, S)`` in ``[0, 1]`` -> a ``.npz``
+  with the engine's raw ``loc (N, P, 4)`` and ``logits (N, P, C)`` float32, before any
+  post-processing. This is what ``lipdet eval http://...`` scores and attacks (the same numbers
+  ``backend(images)`` gives in process).
+* ``GET /v1/model``: the model card, the served file's sha256 and the twin's (see below).
+* ``GET /v1/model/onnx``: the bytes of the served model's ONNX twin (the ``.onnx`` itself, or a
+  plan's source ONNX), for gradient attacks through ``lipdet eval --pgd``.
+* ``GET /healthz``: 200 ``{"status": "ready"}`` once the engine answered a warm-up batch, else 503.
+
+Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for anything the client sent.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import lipdet
+from lipdet.deploy.backends import Backend
+from lipdet.deploy.images import MAX_BODY_BYTES, ImageError, Prepared, to_image_boxes
+from lipdet.io import sha256_file
+from lipdet.postprocess import PostprocessConfig, postprocess
+
+ENDPOINTS = ("POST /v1/detect", "POST /v1/infer", "GET /v1/model", "GET /v1/model/onnx", "GET /healthz")
+NPY_TYPE = "application/x-npy"
+NPZ_TYPE = "application/x-npz"
+
+
+# -- the two places that read the model card (lipdet.artifacts.ModelCard, or None for a foreign ONNX) --
+
+
+def card_json(card: Any) -> dict[str, Any] | None:
+    """The model card as plain JSON for ``GET /v1/model`` (None for a foreign ONNX without one)."""
+    return None if card is None else card.to_dict()
+
+
+def card_thresholds(card: Any) -> PostprocessConfig:
+    """Detection thresholds recorded in the card, else the reference defaults."""
+    return PostprocessConfig() if card is None else card.thresholds()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def twin_onnx_path(backend: Backend) -> Path | None:
+    """The ONNX file whose weights are the served model's differentiable twin (None for a checkpoint)."""
+    if backend.path.suffix == ".onnx":
+        return backend.path
+    return getattr(backend, "onnx_path", None)
+
+
+@dataclass
+class ModelService:
+    """One replica's engine and everything the endpoints answer from it.
+
+    Attributes:
+        backend: the deploy backend (ONNX Runtime session or TensorRT engine).
+        thresholds: post-processing thresholds from the card.
+        info: the ``GET /v1/model`` object (card, hashes, server settings), computed once.
+    """
+
+    backend: Backend
+    thresholds: PostprocessConfig
+    info: dict[str, Any]
+
+    @classmethod
+    def create(cls, backend: Backend, settings: dict[str, Any]) -> "ModelService":
+        """Wrap ``backend``; ``settings`` (replicas, batch settings) goes into ``GET /v1/model``."""
+        twin = twin_onnx_path(backend)
+        info = {
+            "card": card_json(backend.card),
+            "artifact": {"file": backend.path.name, "sha256": sha256_file(backend.path), "backend": backend.name,
+                         "precision": backend.precision, "provider": backend.provider,
+                         "input_size": backend.input_size},
+            "twin": {"file": twin.name, "sha256": sha256_file(twin), "url": "/v1/model/onnx"} if twin else None,
+            "server": {**settings, "lipdet_version": lipdet.__version__},
+        }
+        return cls(backend, card_thresholds(backend.card), info)
+
+    def warm_up(self, batch: int) -> None:
+        """Run one batch of ``batch`` black images through the engine (first-call allocations)."""
+        s = self.backend.input_size
+        self.backend(torch.zeros(batch, 3, s, s))
+
+    def run(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The engine on ``(N, 3, S, S)`` float32 -> raw ``(loc (N, P, 4), logits (N, P, C))``."""
+        return self.backend(images)
+
+    def detections(self, loc: Tensor, logits: Tensor, prepared: Prepared) -> dict[str, Any]:
+        """The ``POST /v1/detect`` answer for one image from its raw ``loc (P, 4)``, ``logits (P, C)``.
+
+        A per-detection certified radius (``"certified_radius": {"cls", "box", "radius"}``) would be
+        one more key in each entry of ``detections``, computed here from ``loc``/``logits`` and the
+        card's per-scale bounds once the per-anchor certificate lives in the shared core.
+        """
+        size = self.backend.input_size
+        dets = postprocess(loc[None], logits[None], self.backend.priors, size, self.thresholds)[0]
+        boxes = to_image_boxes(dets["boxes"], prepared, size)
+        entries = [{"bbox": [round(float(v), 3) for v in b], "category_id": int(c), "score": float(p)}
+                   for b, c, p in zip(boxes.tolist(), dets["labels"].tolist(), dets["scores"].tolist())]
+        return {"image": {"width": prepared.width, "height": prepared.height}, "detections": entries,
+                "model": {"sha256": self.info["artifact"]["sha256"], "precision": self.backend.precision}}
+
+
+def read_tensor_body(data: bytes, size: int) -> Tensor:
+    """A ``POST /v1/infer`` body (``.npy`` float32 ``(N, 3, size, size)`` in ``[0, 1]``) as a tensor.
+
+    Raises:
+        ImageError: 413 over :data:`MAX_BODY_BYTES`; 400 for anything but such an array.
+    """
+    if len(data) > MAX_BODY_BYTES:
+        raise ImageError(f"request body of {len(data)} bytes is over the {MAX_BODY_BYTES} byte limit "
+                         f"(MAX_BODY_BYTES): send fewer images per request", 413)
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageError(f"body is not a .npy array ({str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 4 or arr.shape[1:] != (3, size, size):
+        what = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise ImageError(f"expected a float32 array of shape (N, 3, {size}, {size}), got {what}")
+    if len(arr) == 0:
+        raise ImageError("the array holds no images (N = 0)")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        raise ImageError("pixel values must be finite and in [0, 1]")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def write_outputs(loc: Tensor, logits: Tensor) -> bytes:
+    """The ``POST /v1/infer`` answer: ``.npz`` bytes with float32 ``loc`` and ``logits``."""
+    buf = io.BytesIO()
+    np.savez(buf, loc=loc.numpy().astype(np.float32), logits=logits.numpy().astype(np.float32))
+    return buf.getvalue()
+
+
+def read_outputs(data: bytes) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`write_outputs` (the client side of ``POST /v1/infer``)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return torch.from_numpy(z["loc"].copy()), torch.from_numpy(z["logits"].copy())
+
+
+def error_body(message: str) -> dict[str, str]:
+    """The JSON body of every error answer."""
+    return {"error": message.strip().splitlines()[0] if message.strip() else "error"}
