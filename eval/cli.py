@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from lipdet.deploy.http_backend import is_url
 from lipdet.errors import LipdetError
 from lipdet.eval.attacks import ATTACK_CHOICES, ENSEMBLE, ENSEMBLE_LOSSES
 from lipdet.eval.evaluate import EvalSettings, evaluate
@@ -34,7 +35,8 @@ def parse_eps_list(text: str) -> tuple[float, ...]:
 
 
 def command(
-    model: Path = typer.Argument(..., help="The artifact to evaluate: model.pt, model.onnx or engine.plan."),
+    model: str = typer.Argument(..., help="The artifact to evaluate: model.pt, model.onnx or engine.plan, or the "
+                                "http://HOST:PORT of a lipdet serve (scored and attacked through HTTP)."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="SVHN format-1 root (train/ test/ with digitStruct.mat). Default: the data the model "
         "was trained on (from its model card), else the embedded synthetic set."),
@@ -63,6 +65,8 @@ def command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images only."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda for the engine and the twin."),
     twin_tol: Optional[float] = typer.Option(None, "--twin-tol", help="Max |twin - engine| on clean inputs before attacking (default by precision)."),
+    twin: Optional[Path] = typer.Option(None, "--twin", exists=True, dir_okay=False, help="With an http:// MODEL: "
+                                        "the served model's ONNX for --pgd (sha256-checked; default: fetched)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Measure the deployed artifact: clean mAP, PGD / Square attacks, certificates.
@@ -84,16 +88,21 @@ def command(
       lipdet eval model.pt --eps-sweep 0,0.25,0.5,1 --workers 2 --report report/
 
       lipdet eval foreign.onnx --input-size 74 --data svhn/
+
+      lipdet eval http://127.0.0.1:8000 --pgd --blackbox square   # the live lipdet serve endpoint
     """
+    if twin is not None and not is_url(model):
+        raise LipdetError("--twin is for a served model (MODEL http://HOST:PORT); a file is its own twin")
+    target: str | Path = model if is_url(model) else Path(model)
     settings = EvalSettings(
         split=split, batch_size=batch_size, pgd=pgd, eps=eps, steps=steps, alpha=alpha, restarts=restarts,
         attack_loss=attack_loss, blackbox=blackbox, queries=queries,
         eps_sweep=parse_eps_list(eps_sweep) if eps_sweep else (), certify=certify, seed=seed,
-        input_size=input_size, limit=limit, workers=workers, twin_tol=twin_tol, device=device,
+        input_size=input_size, limit=limit, workers=workers, twin_tol=twin_tol, twin=str(twin) if twin else None, device=device,
     ).validate()
     outputs = ResultFiles(json=json_out, detections=save_detections, report=report).check()
-    result = evaluate(model, data=data, settings=settings, progress=progress)
-    for note in outputs.write(result, model):
+    result = evaluate(target, data=data, settings=settings, progress=progress)
+    for note in outputs.write(result, target):
         typer.echo(note, err=True)
     sys.stdout.flush()
     for line in result_lines(result.summary):

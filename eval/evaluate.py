@@ -78,6 +78,8 @@ class EvalSettings:
         twin_tol: max |twin - engine| on clean raw outputs; None = ``lipdet.deploy.twin``'s default
             for the engine's precision (relative to the outputs' magnitude).
         device: ``auto`` | ``cpu`` | ``cuda`` for the backend and the twin.
+        twin: for a served model (MODEL ``http://HOST:PORT``): its ONNX file as the twin, refused unless its
+            sha256 is the one the server reports; None = fetch it from the server.
         samples: images kept (clean + adversarial) for the report's figures.
         score_threshold, iou_threshold, top_k: post-processing overrides (None = the model
             card's ``postprocess`` values, else the reference 0.2 / 0.3 / 20).
@@ -101,6 +103,7 @@ class EvalSettings:
     workers: int = 1
     twin_tol: float | None = None
     device: str = "auto"
+    twin: str | None = None
     samples: int = 4
     score_threshold: float | None = None
     iou_threshold: float | None = None
@@ -266,7 +269,10 @@ def load_eval_backend(model: Any, settings: EvalSettings) -> Any:
     if not isinstance(model, (str, Path)):
         return model
     from lipdet.deploy.backends import load_backend
+    from lipdet.deploy.http_backend import HttpBackend, is_url
 
+    if is_url(model):  # a lipdet serve endpoint: scored, and Square-attacked, through HTTP
+        return HttpBackend(str(model), twin_file=Path(settings.twin) if settings.twin else None)
     path = Path(model)
     if not path.exists():
         raise LipdetError(f"model not found: {path}")
@@ -278,7 +284,7 @@ def load_eval_twin(model: Any, backend: Any, settings: EvalSettings) -> torch.nn
     why = "--pgd/--eps-sweep" if (settings.pgd or settings.eps_sweep) else "--certify"
     if isinstance(model, TwinBackend):
         twin = model.model
-    elif isinstance(model, (str, Path)):
+    elif isinstance(model, (str, Path)) and not hasattr(backend, "twin"):  # a served model brings its own
         from lipdet.deploy.twin import load_twin
 
         try:

@@ -80,6 +80,8 @@ def portable_path(path: str | os.PathLike[str], base: str | os.PathLike[str]) ->
     when ``path`` lies under ``base``'s parent; ``$LIPDET_CACHE/...`` when it lies in lipdet's
     cache (the built-in synthetic SVHN); else as given.
     """
+    if "://" in str(path):  # a URL (a served model): not a path of this machine
+        return str(path)
     p = Path(os.path.abspath(path))
     base = Path(os.path.abspath(base))
     for anchor, label in ((base, None), (base.parent, None), (Path(os.path.abspath(cache_root())), "$" + CACHE_ENV)):

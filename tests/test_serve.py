@@ -1,0 +1,219 @@
+"""lipdet serve: real Ray Serve, real HTTP on 127.0.0.1, real ONNX Runtime sessions in the replicas.
+
+One Ray Serve instance for the module (on the session's Ray cluster), serving a tiny untrained
+model exported in the test (32 px input). Every client call has a timeout; the instance is shut
+down at the end of the module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lipdet.artifacts import save_checkpoint
+from lipdet.deploy.backends import load_backend
+from lipdet.deploy.http_api import card_thresholds
+from lipdet.deploy.images import to_image_boxes, prepare
+from lipdet.io import sha256_file
+from lipdet.postprocess import postprocess
+from test_serve_images import bad_bodies, encode
+
+SIZE = 32
+TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(url: str, data: bytes | None = None, method: str | None = None) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request, 4xx/5xx included; never waits more than TIMEOUT seconds."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=TIMEOUT) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_svhn) -> Path:
+    """A tiny untrained sll-spectral model exported to ONNX by lipdet export's pipeline."""
+    from lipdet.export.pipeline import export_model
+    from lipdet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("sll-spectral", width=0.125, input_size=SIZE).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, SIZE, SIZE))
+    folder = tmp_path_factory.mktemp("served")
+    ckpt = save_checkpoint(folder / "model.pt", model, meta={"data": {"root": str(tiny_svhn), "synthetic": True}})
+    return export_model(ckpt, out=folder / "model.onnx", precision="fp32", val_n=8, echo=lambda *a: None).onnx
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, exported):
+    """The module's Ray Serve instance: 1 CPU replica, batches of up to 16, 5 ms wait. Yields its URL."""
+    from ray import serve
+
+    from lipdet.deploy.serve import ServeOptions, deploy
+
+    url = deploy(ServeOptions(model=exported, max_batch=16, port=free_port()).validate())
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def crops(tiny_svhn) -> list[np.ndarray]:
+    """The test split's first 8 input crops as uint8 HWC arrays (exactly what PNG carries)."""
+    from lipdet.data.dataset import SVHNDetection
+
+    ds = SVHNDetection(tiny_svhn, "test", input_size=SIZE)
+    return [(ds[i][0] * 255).round().byte().permute(1, 2, 0).numpy() for i in range(8)]
+
+
+def in_process(model: Path, img: Image.Image) -> list[dict]:
+    """What /v1/detect should answer, computed here: the file's backend and the shared post-processing."""
+    backend = load_backend(model, device="cpu")
+    p = prepare(img, SIZE)
+    loc, logits = backend(p.tensor[None])
+    dets = postprocess(loc, logits, backend.priors, SIZE, card_thresholds(backend.card))[0]
+    boxes = to_image_boxes(dets["boxes"], p, SIZE)
+    return [{"bbox": b, "category_id": int(c), "score": float(s)}
+            for b, c, s in zip(boxes.tolist(), dets["labels"].tolist(), dets["scores"].tolist())]
+
+
+def assert_same_detections(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g["category_id"] == w["category_id"]
+        assert abs(g["score"] - w["score"]) < 1e-5
+        assert np.allclose(g["bbox"], w["bbox"], atol=2e-3)
+
+
+def test_healthz_and_model_card(server, exported):
+    assert call(f"{server}/healthz") == (200, b'{"status":"ready"}')
+    status, body = call(f"{server}/v1/model")
+    info = json.loads(body)
+    assert status == 200
+    assert info["card"]["model"]["arch"] == "sll-spectral" and info["card"]["lipschitz"]
+    assert info["artifact"]["sha256"] == sha256_file(exported) == info["twin"]["sha256"]
+    assert info["server"]["max_batch"] == 16 and info["server"]["replicas"] == 1
+    status, onnx = call(f"{server}/v1/model/onnx")
+    assert status == 200 and onnx == exported.read_bytes()
+
+
+def test_detect_answers_what_the_file_gives(server, exported, crops):
+    """Dataset crops as PNG (input-sized: no resampling) and one wide JPEG-free letterboxed image,
+    sent by 8 concurrent clients so that the replica batches them: the same detections as in process."""
+    wide = Image.fromarray(np.concatenate([crops[0], crops[1], crops[2]], axis=1))  # 96 x 32
+    images = [Image.fromarray(c) for c in crops] + [wide]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda im: call(f"{server}/v1/detect", encode(im)), images))
+    for img, (status, body) in zip(images, answers):
+        assert status == 200, body
+        got = json.loads(body)
+        assert got["image"] == {"width": img.width, "height": img.height}
+        assert_same_detections(got["detections"], in_process(exported, img))
+        for d in got["detections"]:
+            x, y, w, h = d["bbox"]
+            assert 0 <= x <= x + w <= img.width and 0 <= y <= y + h <= img.height
+
+
+def test_every_bad_input_is_a_4xx_and_the_next_request_succeeds(server, crops):
+    good = encode(Image.fromarray(crops[0]))
+    npy = io.BytesIO()
+    np.save(npy, np.zeros((2, 3, 8, 8), np.float32))
+    cases = [(f"{server}/v1/detect", body, None, status, words) for body, status, words in bad_bodies().values()]
+    cases += [
+        (f"{server}/v1/infer", npy.getvalue(), None, 400, "(N, 3, 32, 32)"),
+        (f"{server}/v1/infer", b"not numpy", None, 400, ".npy"),
+        (f"{server}/v1/detect", None, "GET", 405, "use POST /v1/detect"),
+        (f"{server}/v1/model", b"x", "DELETE", 405, "DELETE is not allowed"),
+        (f"{server}/v2/detect", good, None, 404, "no endpoint /v2/detect"),
+    ]
+    for url, body, method, status, words in cases:
+        got_status, got = call(url, body, method)
+        assert got_status == status, (url, words, got)
+        message = json.loads(got)["error"]
+        assert words in message and "\n" not in message
+        assert call(f"{server}/v1/detect", good)[0] == 200  # the replica keeps serving
+    assert call(f"{server}/healthz")[0] == 200
+
+
+def test_eval_over_http_is_the_file_eval(server, exported, tiny_svhn):
+    """Clean mAP and every detection through the endpoint equal the file's; Square runs on the endpoint."""
+    from lipdet.eval.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(limit=12, batch_size=6, device="cpu")
+    served = evaluate(server, data=tiny_svhn, settings=settings)
+    local = evaluate(exported, data=tiny_svhn, settings=settings)
+    assert served.summary["backend"]["name"] == "http" and served.summary["model"] == server
+    assert served.clean_map50 == local.clean_map50
+    assert served.summary["clean"]["map"] == local.summary["clean"]["map"]
+    for a, b in zip(served.records, local.records):
+        assert torch.allclose(a.clean["boxes"], b.clean["boxes"], atol=1e-4)
+        assert torch.equal(a.clean["labels"], b.clean["labels"])
+    square = evaluate(server, data=tiny_svhn, settings=EvalSettings(limit=4, batch_size=4, blackbox="square",
+                                                                     queries=3, device="cpu"))
+    assert square.summary["blackbox"]["method"] == "square" and square.summary["backend"]["name"] == "http"
+
+
+def test_pgd_over_http_uses_the_served_twin_and_refuses_another(server, exported, tiny_svhn, tmp_path):
+    from lipdet.errors import LipdetError
+    from lipdet.eval.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(limit=4, batch_size=4, pgd=True, steps=2, attack_loss="cls", device="cpu")
+    served = evaluate(server, data=tiny_svhn, settings=settings)
+    local = evaluate(exported, data=tiny_svhn, settings=settings)
+    assert served.summary["pgd"]["map_50"] == pytest.approx(local.summary["pgd"]["map_50"], abs=1e-6)
+    given = evaluate(server, data=tiny_svhn, settings=EvalSettings(**{**vars(settings), "twin": str(exported)}))
+    assert given.summary["pgd"]["map_50"] == served.summary["pgd"]["map_50"]
+    other = tmp_path / "other.onnx"
+    other.write_bytes(exported.read_bytes() + b"\0")
+    with pytest.raises(LipdetError, match="not the served model"):
+        evaluate(server, data=tiny_svhn, settings=EvalSettings(**{**vars(settings), "twin": str(other)}))
+
+
+# ------------------------------------------------------------------------------------------------
+# the command's refusals: one line, exit 2, before Ray starts
+
+
+def _serve_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from lipdet.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", *argv])
+    return int(info.value.code), capsys.readouterr().err
+
+
+def test_cli_refuses_a_port_in_use_and_missing_or_corrupt_models(exported, tmp_path, capsys, monkeypatch):
+    import ray
+
+    started = ray.is_initialized()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, err = _serve_cli([str(exported), "--port", str(port)], capsys)
+    assert rc == 2 and err.strip() == f"error: port {port} on 127.0.0.1 is in use: choose another with --port"
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf at all")
+    monkeypatch.setenv("LIPDET_RUNS", str(tmp_path / "no-runs"))
+    for argv, words in [([str(tmp_path / "missing.onnx")], "model not found"), ([str(corrupt)], "corrupt.onnx"),
+                        ([str(exported.with_suffix(".pt"))], "lipdet export"), ([], "no training run"),
+                        ([str(exported), "--replicas", "0"], "--replicas")]:
+        rc, err = _serve_cli([*argv, "--port", str(free_port())], capsys)
+        assert rc == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert ray.is_initialized() == started  # none of them started Ray
