@@ -443,13 +443,13 @@ def test_val_split_record_names_the_exact_images(tiny_svhn: Path) -> None:
 @pytest.mark.parametrize(
     "split, n, message",
     [
-        (ValSplit(fraction=0.0), 40, "--val-fraction must be > 0 and < 1, got 0.0"),
-        (ValSplit(fraction=1.0), 40, "--val-fraction must be > 0 and < 1, got 1.0"),
-        (ValSplit(fraction=-0.5), 40, "--val-fraction must be > 0 and < 1"),
-        (ValSplit(count=-1), 40, "--val-count must be >= 1"),
-        (ValSplit(count=40), 40, "--val-count 40 holds out 40 images, but the train split has only 40"),
-        (ValSplit(count=41), 40, "--val-count 41 holds out 41 images"),
-        (ValSplit(fraction=0.5), 1, "--val-fraction 0.5 holds out 1 images, but the train split has only 1"),
+        (ValSplit(fraction=0.0), 40, "fraction must be > 0 and < 1, got 0.0"),
+        (ValSplit(fraction=1.0), 40, "fraction must be > 0 and < 1, got 1.0"),
+        (ValSplit(fraction=-0.5), 40, "fraction must be > 0 and < 1, got -0.5"),
+        (ValSplit(count=-1), 40, "count must be >= 1"),
+        (ValSplit(count=40), 40, "holds out 40 images, but the train split has only 40"),
+        (ValSplit(count=41), 40, "holds out 41 images, but the train split has only 40"),
+        (ValSplit(fraction=0.5), 1, "holds out 1 images, but the train split has only 1"),
     ],
 )
 def test_val_split_refuses_bad_values(split: ValSplit, n: int, message: str) -> None:

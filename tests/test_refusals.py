@@ -79,8 +79,8 @@ def _onnx_without_card(path: Path) -> Path:
         (["--resume", "no-such-run"], "no run named 'no-such-run'"),
         (["--data", "missing-folder"], "data folder not found"),
         (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
-        (["--val-fraction", "1.5"], "--val-fraction must be > 0 and < 1"),
-        (["--val-count", "0"], "--val-count must be >= 1"),
+        (["--val-fraction", "1.5"], "fraction must be > 0 and < 1, got 1.5"),
+        (["--val-count", "0"], "count must be >= 1, got 0"),
         (["--val-count", "1000000"], "holds out 1000000 images, but the train split has only"),
     ],
 )
