@@ -42,6 +42,10 @@ def command(
     timing_cache: Optional[Path] = typer.Option(
         None, "--timing-cache", help="TensorRT timing cache file (default: in lipdet's cache folder, per TensorRT "
         "version and GPU).", show_default=False),
+    triton: Optional[Path] = typer.Option(
+        None, "--triton", help="Also write a Triton model repository here: REPO/<name>/config.pbtxt and "
+        "REPO/<name>/1/model.onnx (or model.plan with --trt), max_batch_size --max-batch, dynamic batching.",
+        show_default=False),
 ) -> None:
     """Export a trained checkpoint to ONNX (and optionally a TensorRT plan), verified at every step.
 
@@ -61,9 +65,17 @@ def command(
       lipdet export --precision int8 --trt           # symmetric int8 Q/DQ + TensorRT plan
 
       lipdet export --precision fp16 --trt --max-batch 128
+
+      lipdet export --triton triton-models/          # + a Triton repository (no Triton server needed here)
     """
-    export_model(
+    if triton is not None:
+        from lipdet.export.triton import check_repo, write_repository
+
+        check_repo(triton)
+    result = export_model(
         checkpoint=model, out=out, precision=precision, trt=trt, max_batch=max_batch, calib_data=calib_data,
         calib_n=calib_n, target=target, val_n=val_n, workspace_mb=workspace_mb, timing_cache=timing_cache,
         echo=typer.echo,
     )
+    if triton is not None:
+        typer.echo(f"triton: {write_repository(triton, result.plan or result.onnx, max_batch)}")
