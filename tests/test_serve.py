@@ -26,10 +26,13 @@ from lipdet.deploy.http_api import card_thresholds
 from lipdet.deploy.images import to_image_boxes, prepare
 from lipdet.io import sha256_file
 from lipdet.postprocess import postprocess
+import test_refusals
+from test_refusals import _refused
 from test_serve_images import bad_bodies, encode
 
 SIZE = 32
 TIMEOUT = 30
+fresh = test_refusals.fresh  # empty cache/runs/cwd and a tripwire on ray.init, as for every command
 
 
 def free_port() -> int:
@@ -187,33 +190,24 @@ def test_pgd_over_http_uses_the_served_twin_and_refuses_another(server, exported
 
 
 # ------------------------------------------------------------------------------------------------
-# the command's refusals: one line, exit 2, before Ray starts
+# the commands' refusals
 
 
-def _serve_cli(argv: list[str], capsys) -> tuple[int, str]:
-    from lipdet.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(["serve", *argv])
-    return int(info.value.code), capsys.readouterr().err
-
-
-def test_cli_refuses_a_port_in_use_and_missing_or_corrupt_models(exported, tmp_path, capsys, monkeypatch):
-    import ray
-
-    started = ray.is_initialized()
+def test_cli_refuses_before_ray_or_files(exported, tmp_path, fresh, capsys):
+    """A port in use, a missing / corrupt / checkpoint model, no run, a bad option, and eval of a URL
+    where nothing listens: one line, exit 2, no file written, Ray not started (test_refusals' tripwire)."""
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf at all")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        rc, err = _serve_cli([str(exported), "--port", str(port)], capsys)
-    assert rc == 2 and err.strip() == f"error: port {port} on 127.0.0.1 is in use: choose another with --port"
-    corrupt = tmp_path / "corrupt.onnx"
-    corrupt.write_bytes(b"not a protobuf at all")
-    monkeypatch.setenv("LIPDET_RUNS", str(tmp_path / "no-runs"))
+        line = _refused(["serve", str(exported), "--port", str(port)], fresh, capsys)
+    assert line == f"error: port {port} on 127.0.0.1 is in use: choose another with --port"
     for argv, words in [([str(tmp_path / "missing.onnx")], "model not found"), ([str(corrupt)], "corrupt.onnx"),
                         ([str(exported.with_suffix(".pt"))], "lipdet export"), ([], "no training run"),
                         ([str(exported), "--replicas", "0"], "--replicas")]:
-        rc, err = _serve_cli([*argv, "--port", str(free_port())], capsys)
-        assert rc == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
-    assert ray.is_initialized() == started  # none of them started Ray
+        assert words in _refused(["serve", *argv, "--port", str(free_port())], fresh, capsys)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert "Connection refused" in _refused(["eval", nobody, "--no-progress"], fresh, capsys)
+    assert "--twin is for a served model" in _refused(["eval", str(exported), "--twin", str(exported)], fresh, capsys)
