@@ -172,7 +172,7 @@ def test_attack_loss_names_are_checked_in_one_place():
     for name in ATTACK_LOSSES:
         assert attack_losses(name) == (name,) and scoring_loss(name) == name
     assert scoring_loss("ensemble") == "multibox"
-    with pytest.raises(LipdetError, match="attack-loss 'bogus'; choose one of: ensemble, multibox") as e:
+    with pytest.raises(LipdetError, match="'bogus'; choose one of: ensemble, multibox") as e:
         attack_losses("bogus")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError):
