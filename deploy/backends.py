@@ -129,7 +129,7 @@ class OrtBackend(Backend):
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise LipdetError(
-                "--device cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu: "
+                "device 'cuda': onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu: "
                 "pip install 'lipdet[gpu]')"
             )
         use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
@@ -164,7 +164,7 @@ def _input_size(path: Path, card: ModelCard | None, input_size: int | None) -> i
             raise LipdetError(f"{path}: input size {input_size} given, but the model card says {size}")
         return size
     if input_size is None:
-        raise LipdetError(f"{path} has no lipdet model card; pass its input size (e.g. --input-size 74)")
+        raise LipdetError(f"{path} has no lipdet model card; pass its input_size (e.g. 74)")
     return int(input_size)
 
 

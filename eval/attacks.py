@@ -75,7 +75,7 @@ def attack_losses(name: str) -> tuple[str, ...]:
         return ENSEMBLE_LOSSES
     if name in ATTACK_LOSSES:
         return (name,)
-    raise LipdetError(f"unknown --attack-loss {name!r}; choose one of: {', '.join(ATTACK_CHOICES)}")
+    raise LipdetError(f"unknown attack_loss {name!r}; choose one of: {', '.join(ATTACK_CHOICES)}")
 
 
 def scoring_loss(name: str) -> str:
@@ -236,11 +236,11 @@ def pgd_l2(
     With ``eps == 0`` the clean images are returned unchanged (bit for bit).
     """
     if eps < 0:
-        raise LipdetError(f"--eps must be >= 0, got {eps}")
+        raise LipdetError(f"eps must be >= 0, got {eps}")
     if steps < 1:
-        raise LipdetError(f"--steps must be >= 1, got {steps}")
+        raise LipdetError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
-        raise LipdetError(f"--restarts must be >= 1, got {restarts}")
+        raise LipdetError(f"restarts must be >= 1, got {restarts}")
     images = images.detach()
     n = images.shape[0]
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
@@ -448,9 +448,9 @@ def square_l2(
         seeds: one seed per image (see :func:`image_seed`).
     """
     if eps < 0:
-        raise LipdetError(f"--eps must be >= 0, got {eps}")
+        raise LipdetError(f"eps must be >= 0, got {eps}")
     if queries < 1:
-        raise LipdetError(f"--queries must be >= 1, got {queries}")
+        raise LipdetError(f"queries must be >= 1, got {queries}")
     images = images.detach()
     n, c, h, w = images.shape
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from lipdet.device import DEVICES
 from lipdet.deploy.http_backend import is_url
 from lipdet.errors import LipdetError
 from lipdet.eval.attacks import ATTACK_CHOICES, ENSEMBLE, ENSEMBLE_LOSSES
-from lipdet.eval.evaluate import EvalSettings, evaluate
+from lipdet.eval.evaluate import BLACKBOX_METHODS, EvalSettings, evaluate
 from lipdet.eval.results import ResultFiles, result_lines
+
+
+AttackLoss = enum.Enum("AttackLoss", {n: n for n in ATTACK_CHOICES}, type=str)
+"""``--attack-loss`` choices (typer makes a bad value a usage error)."""
+Blackbox = enum.Enum("Blackbox", {n: n for n in BLACKBOX_METHODS}, type=str)
+"""``--blackbox`` choices."""
+Device = enum.Enum("Device", {n: n for n in DEVICES}, type=str)
+"""``--device`` choices."""
 
 
 def parse_eps_list(text: str) -> tuple[float, ...]:
@@ -47,11 +57,11 @@ def command(
     steps: int = typer.Option(10, "--steps", help="PGD steps."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="PGD step length (default 2.5*eps/steps)."),
     restarts: int = typer.Option(1, "--restarts", help="PGD random restarts; the per-image worst is kept."),
-    attack_loss: str = typer.Option(
-        ENSEMBLE, "--attack-loss", help=f"{' | '.join(ATTACK_CHOICES)}. {ENSEMBLE} (default): PGD once per loss "
+    attack_loss: AttackLoss = typer.Option(
+        ENSEMBLE, "--attack-loss", help=f"{ENSEMBLE} (default): PGD once per loss "
         f"({', '.join(ENSEMBLE_LOSSES)}; {len(ENSEMBLE_LOSSES)}x the cost), keeping per image the adversarial image "
         "worst for the engine (fewest objects detected, then highest MultiBox loss); the JSON has each loss's mAP."),
-    blackbox: Optional[str] = typer.Option(None, "--blackbox", help="'square': query-only L2 random search on the engine."),
+    blackbox: Optional[Blackbox] = typer.Option(None, "--blackbox", help="square: query-only L2 random search on the engine."),
     queries: int = typer.Option(100, "--queries", help="Black-box query budget per image."),
     eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", help="Comma-separated radii for the mAP-vs-eps curve, e.g. 0,0.25,0.5,1."),
     certify: bool = typer.Option(False, "--certify", help="Certified object share at --eps from the artifact's Lipschitz bounds."),
@@ -63,7 +73,7 @@ def command(
     seed: int = typer.Option(0, "--seed", help="Attack seed (per image index: reproducible for any --workers)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Input side for an ONNX file without a lipdet model card."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images only."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda for the engine and the twin."),
+    device: Device = typer.Option("auto", "--device", help="Device of the engine and the twin."),
     twin_tol: Optional[float] = typer.Option(None, "--twin-tol", help="Max |twin - engine| on clean inputs before attacking (default by precision)."),
     twin: Optional[Path] = typer.Option(None, "--twin", exists=True, dir_okay=False, help="With an http:// MODEL: "
                                         "the served model's ONNX for --pgd (sha256-checked; default: fetched)."),
@@ -96,9 +106,9 @@ def command(
     target: str | Path = model if is_url(model) else Path(model)
     settings = EvalSettings(
         split=split, batch_size=batch_size, pgd=pgd, eps=eps, steps=steps, alpha=alpha, restarts=restarts,
-        attack_loss=attack_loss, blackbox=blackbox, queries=queries,
+        attack_loss=attack_loss.value, blackbox=blackbox.value if blackbox is not None else None, queries=queries,
         eps_sweep=parse_eps_list(eps_sweep) if eps_sweep else (), certify=certify, seed=seed,
-        input_size=input_size, limit=limit, workers=workers, twin_tol=twin_tol, twin=str(twin) if twin else None, device=device,
+        input_size=input_size, limit=limit, workers=workers, twin_tol=twin_tol, twin=str(twin) if twin else None, device=device.value,
     ).validate()
     outputs = ResultFiles(json=json_out, detections=save_detections, report=report).check()
     result = evaluate(target, data=data, settings=settings, progress=progress)

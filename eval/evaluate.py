@@ -112,33 +112,33 @@ class EvalSettings:
     def validate(self) -> "EvalSettings":
         """Check every value; a bad one raises a one-line :class:`LipdetError`. Returns self."""
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps < 0:
-            raise LipdetError(f"--eps must be a finite number >= 0, got {self.eps}")
+            raise LipdetError(f"eps must be a finite number >= 0, got {self.eps}")
         if self.steps < 1:
-            raise LipdetError(f"--steps must be >= 1, got {self.steps}")
+            raise LipdetError(f"steps must be >= 1, got {self.steps}")
         if self.alpha is not None and not self.alpha > 0:
-            raise LipdetError(f"--alpha must be > 0, got {self.alpha}")
+            raise LipdetError(f"alpha must be > 0, got {self.alpha}")
         if self.restarts < 1:
-            raise LipdetError(f"--restarts must be >= 1, got {self.restarts}")
+            raise LipdetError(f"restarts must be >= 1, got {self.restarts}")
         attack_losses(self.attack_loss)  # the one check of the name (LipdetError if unknown)
         if self.blackbox is not None and self.blackbox not in BLACKBOX_METHODS:
-            raise LipdetError(f"unknown --blackbox {self.blackbox!r}; choose one of: {', '.join(BLACKBOX_METHODS)}")
+            raise LipdetError(f"unknown blackbox {self.blackbox!r}; choose one of: {', '.join(BLACKBOX_METHODS)}")
         if self.queries < 1:
-            raise LipdetError(f"--queries must be >= 1, got {self.queries}")
+            raise LipdetError(f"queries must be >= 1, got {self.queries}")
         for e in self.eps_sweep:
             if not math.isfinite(e) or e < 0:
-                raise LipdetError(f"--eps-sweep values must be finite and >= 0, got {e}")
+                raise LipdetError(f"eps_sweep values must be finite and >= 0, got {e}")
         if self.batch_size < 1:
-            raise LipdetError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise LipdetError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
-            raise LipdetError(f"--limit must be >= 1, got {self.limit}")
+            raise LipdetError(f"limit must be >= 1, got {self.limit}")
         if self.workers < 1:
-            raise LipdetError(f"--workers must be >= 1, got {self.workers}")
+            raise LipdetError(f"workers must be >= 1, got {self.workers}")
         if self.input_size is not None and self.input_size < 8:
-            raise LipdetError(f"--input-size must be >= 8, got {self.input_size}")
+            raise LipdetError(f"input_size must be >= 8, got {self.input_size}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise LipdetError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise LipdetError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.twin_tol is not None and not self.twin_tol > 0:
-            raise LipdetError(f"--twin-tol must be > 0, got {self.twin_tol}")
+            raise LipdetError(f"twin_tol must be > 0, got {self.twin_tol}")
         return self
 
     @property
@@ -281,7 +281,7 @@ def load_eval_backend(model: Any, settings: EvalSettings) -> Any:
 
 def load_eval_twin(model: Any, backend: Any, settings: EvalSettings) -> torch.nn.Module:
     """The differentiable twin of the artifact, on the evaluation device, gradients off for weights."""
-    why = "--pgd/--eps-sweep" if (settings.pgd or settings.eps_sweep) else "--certify"
+    why = "pgd/eps_sweep" if (settings.pgd or settings.eps_sweep) else "certify"
     if isinstance(model, TwinBackend):
         twin = model.model
     elif isinstance(model, (str, Path)) and not hasattr(backend, "twin"):  # a served model brings its own
@@ -588,7 +588,7 @@ class Evaluator:
         if not agr.ok:
             raise LipdetError(
                 f"the differentiable twin disagrees with the {getattr(self.backend, 'name', 'deployed')} model on clean "
-                f"inputs (max abs diff {agr.worst:.4g} > tolerance {agr.tol:.4g}); refusing to attack -- pass --twin-tol to override"
+                f"inputs (max abs diff {agr.worst:.4g} > tolerance {agr.tol:.4g}); refusing to attack -- pass a larger twin_tol to override"
             )
         return agr.per_image
 

@@ -237,7 +237,7 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LipdetError(f"--report: cannot create {out}: {e.strerror or e}") from None
+        raise LipdetError(f"report: cannot create {out}: {e.strerror or e}") from None
     s = result.summary
     figs: list[str] = []
 

@@ -6,12 +6,19 @@ verified before anything is written (see :mod:`lipdet.export.pipeline`).
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from lipdet.export.pipeline import VAL_N_DEFAULT, ExportResult, default_onnx_path, export_model, write_outputs
+from lipdet.export.precision import PRECISIONS, TARGETS
+
+Precision = enum.Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+"""``--precision`` choices (typer makes a bad value a usage error)."""
+Target = enum.Enum("Target", {t: t for t in TARGETS}, type=str)
+"""``--target`` choices."""
 
 __all__ = ["ExportResult", "command", "default_onnx_path", "export_model", "write_outputs"]
 
@@ -24,8 +31,8 @@ def command(
         None, "--out", "-o", help="ONNX file to write. Default: beside the checkpoint (model.onnx; "
         "model.fp16.onnx / model.int8.onnx for reduced precision). The plan goes beside it (.plan + .plan.json).",
         show_default=False),
-    precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8: precision of the graph "
-                                  "(and so of the TensorRT engine)."),
+    precision: Precision = typer.Option("fp32", "--precision", "-p",
+                                  help="Precision of the graph (and so of the TensorRT engine)."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT plan (needs an NVIDIA GPU and "
                              "pip install 'lipdet\\[gpu]')."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Largest batch of the TensorRT profile (1..N)."),
@@ -33,7 +40,7 @@ def command(
         None, "--calib-data", help="SVHN folder whose train/ split calibrates int8 (default: the model's own data).",
         show_default=False),
     calib_n: int = typer.Option(256, "--calib-n", min=1, help="Training images used to calibrate int8."),
-    target: Optional[str] = typer.Option(
+    target: Optional[Target] = typer.Option(
         None, "--target", help="Runtime the int8 graph is for: ort (uint8 activations and weights, accurate on every CPU) or "
         "trt (int8 symmetric, what TensorRT needs). Default: trt with --trt, else ort.", show_default=False),
     val_n: int = typer.Option(VAL_N_DEFAULT, "--val-n", min=0, help="Validation (test split) images for the clean "
@@ -73,8 +80,8 @@ def command(
 
         check_repo(triton)
     result = export_model(
-        checkpoint=model, out=out, precision=precision, trt=trt, max_batch=max_batch, calib_data=calib_data,
-        calib_n=calib_n, target=target, val_n=val_n, workspace_mb=workspace_mb, timing_cache=timing_cache,
+        checkpoint=model, out=out, precision=precision.value, trt=trt, max_batch=max_batch, calib_data=calib_data,
+        calib_n=calib_n, target=target.value if target is not None else None, val_n=val_n, workspace_mb=workspace_mb, timing_cache=timing_cache,
         echo=typer.echo,
     )
     if triton is not None:

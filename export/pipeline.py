@@ -217,16 +217,16 @@ def default_onnx_path(checkpoint: Path, precision: str) -> Path:
 def _check_options(precision: str, target: str, trt: bool, max_batch: int, calib_n: int) -> None:
     """Refuse option values and combinations that cannot work (LipdetError, one line)."""
     if precision not in PRECISIONS:
-        raise LipdetError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise LipdetError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if target not in TARGETS:
-        raise LipdetError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+        raise LipdetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if trt and precision == "int8" and target == "ort":
-        raise LipdetError("--precision int8 --target ort makes uint8 asymmetric activations, which TensorRT rejects; "
-                          "use --target trt (the default with --trt)")
+        raise LipdetError("precision 'int8' with target 'ort' makes uint8 asymmetric activations, which TensorRT "
+                          "rejects; use target 'trt' (the default when trt is set)")
     if max_batch < 1:
-        raise LipdetError(f"--max-batch must be >= 1, got {max_batch}")
+        raise LipdetError(f"max_batch must be >= 1, got {max_batch}")
     if calib_n < 1:
-        raise LipdetError(f"--calib-n must be >= 1, got {calib_n}")
+        raise LipdetError(f"calib_n must be >= 1, got {calib_n}")
 
 
 def validate_request(checkpoint: Path | None = None, out: Path | None = None, precision: str = "fp32",
@@ -245,13 +245,13 @@ def validate_request(checkpoint: Path | None = None, out: Path | None = None, pr
     checkpoint = Path(checkpoint) if checkpoint is not None else Path(latest_model())
     onnx_out = Path(out) if out is not None else default_onnx_path(checkpoint, precision)
     if onnx_out.suffix.lower() != ".onnx":
-        raise LipdetError(f"--out must name an .onnx file, got {onnx_out}")
+        raise LipdetError(f"out must name an .onnx file, got {onnx_out}")
     _check_out_folder(onnx_out)
     calib_root: Path | None = None
     if calib_data is not None:
         calib_root = resolve_data(Path(calib_data))
         if not _has_split(calib_root, "train"):
-            raise LipdetError(f"--calib-data {calib_data}: no train/digitStruct.mat to calibrate on")
+            raise LipdetError(f"calib_data {calib_data}: no train/digitStruct.mat to calibrate on")
     return ExportRequest(
         checkpoint=checkpoint, onnx_out=onnx_out, precision=precision, target=target, trt=trt, max_batch=max_batch, calib_root=calib_root, calib_n=calib_n,
         val_n=val_n, workspace_mb=workspace_mb, timing_cache=timing_cache,

@@ -129,9 +129,9 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if target not in INT8_FLAVOURS:
-        raise LipdetError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+        raise LipdetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if len(calib_images) == 0:
-        raise LipdetError("int8 calibration needs at least one image (--calib-n)")
+        raise LipdetError("int8 calibration needs at least one image (calib_n)")
     symmetric = target == "trt"
     with tempfile.TemporaryDirectory(prefix="lipdet-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"

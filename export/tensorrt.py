@@ -212,7 +212,7 @@ def build_plan(
     env = current_env()
     assert env is not None
     if max_batch < 1:
-        raise LipdetError(f"--max-batch must be >= 1, got {max_batch}")
+        raise LipdetError(f"max_batch must be >= 1, got {max_batch}")
     opt = int(opt_batch or max_batch)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

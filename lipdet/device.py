@@ -22,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise LipdetError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
     if device == "cuda" and not cuda_visible():
-        raise LipdetError("--device cuda: no CUDA GPU is visible to torch")
+        raise LipdetError("device 'cuda': no CUDA GPU is visible to torch")
     if device == "auto":
         return torch.device("cuda" if cuda_visible() else "cpu")
     return torch.device(device)

@@ -305,7 +305,7 @@ def test_onnx_without_card_clean_only(env, tmp_path):
     assert code == 0, stderr
     assert "clean map_50" in stdout
     code, _, stderr = run_cli(base)  # no card, no --input-size
-    assert code == 2 and "--input-size" in stderr
+    assert code == 2 and "input_size" in stderr
     code, _, stderr = run_cli(base + ["--input-size", "74", "--pgd"])
     assert code == 2 and "cannot run" in stderr and "model card" in stderr
     assert stderr.strip().count("\n") == 0

@@ -141,7 +141,7 @@ def test_unknown_card_version_is_one_line():
         (lambda c: c.pop("priors"), r"model card field 'priors' is missing"),
         (lambda c: c["model"].pop("input_size"), r"field 'model.input_size' is missing"),
         (lambda c: c["model"].update(input_size="32"), r"field 'model.input_size' should be an integer, got a string"),
-        (lambda c: c["model"].update(arch="resnet"), r"field 'model' is not a valid model config \(unknown .*arch 'resnet'"),
+        (lambda c: c["model"].update(arch="resnet"), r"field 'model' is not a valid model config \(unknown arch 'resnet'"),
         (lambda c: c["priors"].update(scales=[0.1, "x"]), r"field 'priors.scales' should hold only numbers, item 1 is a string"),
         (lambda c: c.update(variances=[0.1, 0.2, 0.3]), r"field 'variances' should hold 2 numbers"),
         (lambda c: c["lipschitz"]["per_scale"][1].update(loc=None), r"field 'lipschitz.per_scale\[1\].loc' is missing"),

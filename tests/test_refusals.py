@@ -73,9 +73,9 @@ def _onnx_without_card(path: Path) -> Path:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--margin-eps", "0.5"], "--margin-eps needs a Lipschitz arch"),
+        (["--margin-eps", "0.5"], "margin_eps needs a Lipschitz arch"),
         (["--arch", "sll-spectral", "-O", "pool=avg"], "pool must be one of"),
-        (["--arch", "resnet"], "unknown --arch"),
+        (["--arch", "resnet"], "Invalid value for '--arch'"),
         (["--resume", "no-such-run"], "no run named 'no-such-run'"),
         (["--data", "missing-folder"], "data folder not found"),
         (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
@@ -93,7 +93,7 @@ def test_train_refuses_before_data_ray_or_files(args, message, fresh, capsys):
     [
         ([], "no training run found"),
         (["missing.pt"], "checkpoint not found"),
-        (["--precision", "fp8", "missing.pt"], "unknown --precision"),
+        (["--precision", "fp8", "missing.pt"], "Invalid value for '--precision'"),
         (["--calib-n", "0", "missing.pt"], "--calib-n"),
         pytest.param(["--trt", "missing.pt"], "TensorRT needs an NVIDIA GPU", marks=NEEDS_NO_GPU),
     ],
@@ -112,8 +112,8 @@ def test_export_of_a_corrupt_checkpoint_refuses_before_data(fresh, capsys):
     "args, message",
     [
         (["missing.onnx"], "model not found"),
-        (["{card}", "--eps", "-1"], "--eps must be"),
-        (["{card}", "--attack-loss", "bogus", "--pgd"], "choose one of: ensemble, multibox"),
+        (["{card}", "--eps", "-1"], "eps must be"),
+        (["{card}", "--attack-loss", "bogus", "--pgd"], "'bogus' is not one of 'ensemble', 'multibox'"),
         (["{card}", "--input-size", "74", "--pgd"], "needs the artifact's lipdet model card"),
         (["{card}", "--input-size", "74", "--certify"], "needs the artifact's lipdet model card"),
         (["{card}", "--json", "no-such-folder/r.json"], "does not exist"),

@@ -53,20 +53,20 @@ def _fail(args: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--workers", "0"], "--workers must be >= 1"),
-        (["--epochs", "0"], "--epochs must be >= 1"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--arch", "resnet"], "unknown --arch 'resnet'"),
-        (["--precision", "fp8"], "unknown --precision"),
+        (["--workers", "0"], "workers must be >= 1"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--arch", "resnet"], "Invalid value for '--arch': Value error, 'resnet' is not one of 'naive'"),
+        (["--precision", "fp8"], "Invalid value for '--precision'"),
         (["--cpu", "--precision", "fp16"], "fp16 needs a GPU"),
         (["--resume", "no-such-run"], "no run named 'no-such-run'"),
-        (["--width", "-1"], "--width must be > 0"),
-        (["--margin-eps", "0.5"], "--margin-eps needs a Lipschitz arch"),
-        (["--arch", "sll-l2", "--margin-eps", "-1"], "--margin-eps must be >= 0"),
-        (["--arch", "sll-spectral", "-O", "pool"], "--option expects KEY=VALUE"),
+        (["--width", "-1"], "width must be > 0"),
+        (["--margin-eps", "0.5"], "margin_eps needs a Lipschitz arch"),
+        (["--arch", "sll-l2", "--margin-eps", "-1"], "margin_eps must be >= 0"),
+        (["--arch", "sll-spectral", "-O", "pool"], "option expects KEY=VALUE"),
         (["--arch", "sll-spectral", "-O", "pool=avg"], "pool must be one of max, l2"),
-        (["--arch", "sll-spectral", "-O", "bogus=1"], "unknown option(s) for --arch sll-spectral: bogus"),
-        (["-O", "pool=l2"], "unknown option(s) for --arch naive: pool"),
+        (["--arch", "sll-spectral", "-O", "bogus=1"], "unknown option(s) for arch sll-spectral: bogus"),
+        (["-O", "pool=l2"], "unknown option(s) for arch naive: pool"),
     ],
 )
 def test_bad_options(args, message, tmp_path, capsys, no_ray):
@@ -122,7 +122,7 @@ def test_console_script_one_line_error(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == "error: --workers must be >= 1, got 0"
+    assert r.stderr.strip() == "error: workers must be >= 1, got 0"
 
 
 def test_help_documents_the_options_and_the_epoch_variable():
@@ -193,11 +193,11 @@ def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
     run.mkdir()
     loop = LoopConfig(data_root=str(tiny_svhn.resolve()), synthetic=False, epochs=2, seed=1)
     (run / trainer.RUN_FILE).write_text(json.dumps({"loop": loop.to_dict()}))
-    with pytest.raises(LipdetError, match="--arch was naive"):
+    with pytest.raises(LipdetError, match="arch was naive"):
         plan_run(TrainOptions(resume="r1", out=str(tmp_path), arch="sll-l2"))
-    with pytest.raises(LipdetError, match="--option values were the defaults"):
+    with pytest.raises(LipdetError, match="model_options were the defaults"):
         plan_run(TrainOptions(resume="r1", out=str(tmp_path), model_options={"pool": "l2"}))
-    with pytest.raises(LipdetError, match="--margin-eps was 0.0"):
+    with pytest.raises(LipdetError, match="margin_eps was 0.0"):
         plan_run(TrainOptions(resume="r1", out=str(tmp_path), margin_eps=0.5))
     plan = plan_run(TrainOptions(resume="r1", out=str(tmp_path), epochs=4))
     assert plan.resumed and plan.loop.epochs == 4 and plan.loop.seed == 1 and plan.name == "r1"

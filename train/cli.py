@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,9 @@ from typing import Optional
 import typer
 
 from lipdet.data.split import DEFAULT_VAL_FRACTION
+from lipdet.models.config import ARCHS
 from lipdet.models.tinier_ssd import SLLOptions
+from lipdet.train.recipe import PRECISIONS
 from lipdet.train.trainer import (
     DEFAULT_EPOCHS,
     EPOCHS_ENV,
@@ -20,11 +23,15 @@ from lipdet.train.trainer import (
     run_training,
 )
 
+Arch = enum.Enum("Arch", {a: a for a in ARCHS}, type=str)
+"""``--arch`` choices (typer makes a bad value a usage error)."""
+Precision = enum.Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+"""``--precision`` choices."""
+
 
 def command(
-    arch: Optional[str] = typer.Option(
-        None, "--arch", help="Architecture: naive, sll-spectral, sll-standard or sll-l2. (default: naive)",
-        show_default=False,
+    arch: Optional[Arch] = typer.Option(
+        None, "--arch", help="Architecture. (default: naive)", show_default=False,
     ),
     data: Optional[Path] = typer.Option(
         None, "--data", help="SVHN format-1 folder (train/ and test/ with digitStruct.mat). "
@@ -71,7 +78,7 @@ def command(
         None, "--resume", help="Continue the stopped run NAME under --out from its last checkpoint "
         "(same settings; --epochs may extend it).", show_default=False,
     ),
-    precision: str = typer.Option(
+    precision: Precision = typer.Option(
         "fp32", "--precision", "-p", help="fp32, bf16 (autocast + channels_last; Lipschitz normalisations stay fp32), "
         "or fp16 (GPU only)."
     ),
@@ -132,7 +139,7 @@ def command(
     """
     result = run_training(
         TrainOptions(
-            arch=arch,
+            arch=arch.value if arch is not None else None,
             data=data,
             workers=workers,
             gpu=gpu,
@@ -146,7 +153,7 @@ def command(
             address=address,
             max_failures=max_failures,
             resume=resume,
-            precision=precision,
+            precision=precision.value,
             threads=threads,
             val_limit=val_limit,
             val_fraction=val_fraction,

@@ -129,7 +129,7 @@ def parse_model_options(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise LipdetError(f"--option expects KEY=VALUE, got {item!r}")
+            raise LipdetError(f"option expects KEY=VALUE, got {item!r}")
         raw = raw.strip()
         try:
             out[key] = json.loads(raw)
@@ -174,9 +174,9 @@ class TrainOptions:
         if self.val_fraction is None and self.val_count is None and self.val_seed is None:
             return None
         if self.val_count is not None and self.val_fraction is not None:
-            raise LipdetError("give --val-fraction or --val-count, not both")
+            raise LipdetError("give val_fraction or val_count, not both")
         if self.val_count is not None and self.val_count < 1:
-            raise LipdetError(f"--val-count must be >= 1, got {self.val_count}")
+            raise LipdetError(f"val_count must be >= 1, got {self.val_count}")
         default = ValSplit()
         return ValSplit(seed=default.seed if self.val_seed is None else self.val_seed,
                         fraction=default.fraction if self.val_fraction is None else self.val_fraction,
@@ -233,7 +233,7 @@ class RunStorage:
                 self._fs, base = pyarrow.fs.FileSystem.from_uri(out)
             except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
                 raise LipdetError(
-                    f"--out {out}: cannot open this storage ({type(e).__name__}: {_first_line(e)})"
+                    f"out {out}: cannot open this storage ({type(e).__name__}: {_first_line(e)})"
                 ) from None
             self.storage_path = out.rstrip("/")
             self._base = f"{base.rstrip('/')}/{name}"
@@ -303,7 +303,7 @@ def check_address(address: str, timeout: float = 3.0) -> None:
     target = address.split("://", 1)[1] if "://" in address else address
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise LipdetError(f"--address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+        raise LipdetError(f"address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
@@ -360,24 +360,24 @@ def _validate_options(opts: TrainOptions) -> bool | None:
     """Refuse bad values, names, addresses and devices; returns ``use_gpu`` (None: the joined
     cluster decides, once Ray is up)."""
     if opts.workers < 1:
-        raise LipdetError(f"--workers must be >= 1, got {opts.workers}")
+        raise LipdetError(f"workers must be >= 1, got {opts.workers}")
     if opts.epochs is not None and opts.epochs < 1:
-        raise LipdetError(f"--epochs must be >= 1, got {opts.epochs}")
+        raise LipdetError(f"epochs must be >= 1, got {opts.epochs}")
     if opts.batch_size is not None and opts.batch_size < 1:
-        raise LipdetError(f"--batch-size must be >= 1, got {opts.batch_size}")
+        raise LipdetError(f"batch_size must be >= 1, got {opts.batch_size}")
     if opts.lr is not None and not opts.lr > 0:
-        raise LipdetError(f"--lr must be > 0, got {opts.lr}")
+        raise LipdetError(f"lr must be > 0, got {opts.lr}")
     if opts.width is not None and not opts.width > 0:
-        raise LipdetError(f"--width must be > 0, got {opts.width}")
+        raise LipdetError(f"width must be > 0, got {opts.width}")
     if opts.max_failures < -1:
-        raise LipdetError(f"--max-failures must be >= 0 (or -1 for unlimited), got {opts.max_failures}")
+        raise LipdetError(f"max_failures must be >= 0 (or -1 for unlimited), got {opts.max_failures}")
     if opts.arch is not None and opts.arch not in ARCHS:
-        raise LipdetError(f"unknown --arch {opts.arch!r}; choose one of: {', '.join(ARCHS)}")
+        raise LipdetError(f"unknown arch {opts.arch!r}; choose one of: {', '.join(ARCHS)}")
     if opts.precision not in PRECISIONS:
-        raise LipdetError(f"unknown --precision {opts.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise LipdetError(f"unknown precision {opts.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if opts.name is not None and opts.resume is not None and opts.name != opts.resume:
-        raise LipdetError("--name and --resume name different runs; --resume NAME alone continues NAME")
-    for label, value in (("--name", opts.name), ("--resume", opts.resume)):
+        raise LipdetError("name and resume give different runs; resume alone names the run it continues")
+    for label, value in (("name", opts.name), ("resume", opts.resume)):
         if value is not None and (not value or "/" in value or value in (".", "..") or value.startswith(".")):
             raise LipdetError(f"{label} must be a plain folder name, got {value!r}")
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
@@ -385,13 +385,13 @@ def _validate_options(opts: TrainOptions) -> bool | None:
         check_address(address)
     if opts.gpu and not address and not _cuda_visible():
         raise LipdetError(
-            "--gpu asked for, but no CUDA GPU is visible (use --cpu, or join a GPU cluster with --address)"
+            "gpu=True asked for, but no CUDA GPU is visible (train on the CPU, or join a GPU cluster with address)"
         )
     # With --address and neither --gpu nor --cpu, the cluster decides (resolved once Ray is joined).
     use_gpu: bool | None = bool(opts.gpu) if opts.gpu is not None else (None if address else _cuda_visible())
     if opts.precision == "fp16" and use_gpu is False:
-        raise LipdetError("--precision fp16 needs a GPU (use bf16 on the CPU)")
-    opts.val_split()  # refuses bad --val-* values
+        raise LipdetError("precision fp16 needs a GPU (use bf16 on the CPU)")
+    opts.val_split()  # refuses bad val_* values
     return use_gpu
 
 
@@ -403,14 +403,14 @@ def _plan_resume(opts: TrainOptions, out: str, use_gpu: bool | None
     loop = _saved_loop(storage, opts.resume, out)
     _check_unchanged(opts, loop)
     if opts.data is not None and Path(opts.data).resolve() != Path(loop.data_root):
-        raise LipdetError(f"--resume continues {opts.resume} on its own data ({loop.data_root}); drop --data")
+        raise LipdetError(f"resume continues {opts.resume} on its own data ({loop.data_root}); give no data")
     if not loop.synthetic and not Path(loop.data_root).is_dir():
         raise LipdetError(f"the data of run {opts.resume} is gone: {loop.data_root}")
     done = _finished_epochs(storage)
     epochs = opts.epochs if opts.epochs is not None else loop.epochs
     if done is not None and done >= epochs:
         raise LipdetError(
-            f"run {opts.resume} already finished {done} epochs; pass --epochs N (N > {done}) to train it longer"
+            f"run {opts.resume} already finished {done} epochs; pass epochs > {done} to train it longer"
         )
     # only now, with every option accepted, may the embedded synthetic data be (re)generated
     data_root = _resolve_data(None)[0] if loop.synthetic else Path(loop.data_root)
@@ -437,28 +437,28 @@ def _saved_loop(storage: RunStorage, name: str, out: str) -> LoopConfig:
 def _check_unchanged(opts: TrainOptions, loop: LoopConfig) -> None:
     """A resumed run keeps the settings it was started with: refuse different ones."""
     for label, given, before in (
-        ("--arch", opts.arch, loop.arch),
-        ("--width", opts.width, loop.width),
-        ("--seed", opts.seed, loop.seed),
-        ("--batch-size", opts.batch_size, loop.batch_size),
-        ("--lr", opts.lr, loop.lr),
-        ("--margin-eps", opts.margin_eps, loop.margin_eps),
+        ("arch", opts.arch, loop.arch),
+        ("width", opts.width, loop.width),
+        ("seed", opts.seed, loop.seed),
+        ("batch_size", opts.batch_size, loop.batch_size),
+        ("lr", opts.lr, loop.lr),
+        ("margin_eps", opts.margin_eps, loop.margin_eps),
     ):
         if given is not None and given != before:
             raise LipdetError(
-                f"--resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
+                f"resume continues {opts.resume} as it was started: {label} was {before}, not {given}"
             )
     split = loop.validation
     for label, given, before in (
-        ("--val-seed", opts.val_seed, split.seed),
-        ("--val-count", opts.val_count, split.count or None),
-        ("--val-fraction", opts.val_fraction, None if split.count else split.fraction),
+        ("val_seed", opts.val_seed, split.seed),
+        ("val_count", opts.val_count, split.count or None),
+        ("val_fraction", opts.val_fraction, None if split.count else split.fraction),
     ):
         if given is not None and given != before:
-            raise LipdetError(f"--resume continues {opts.resume} on its own validation split "
-                              f"({_split_options(split)}): {label} {given} would change it")
+            raise LipdetError(f"resume continues {opts.resume} on its own validation split "
+                              f"({_split_options(split)}): {label}={given} would change it")
     if opts.model_options and opts.model_options != {k: loop.model_options.get(k) for k in opts.model_options}:
-        raise LipdetError(f"--resume continues {opts.resume} as it was started: its --option values were "
+        raise LipdetError(f"resume continues {opts.resume} as it was started: its model_options were "
                           f"{loop.model_options or 'the defaults'}")
 
 
@@ -507,8 +507,8 @@ def _new_storage(opts: TrainOptions, out: str, arch: str) -> RunStorage:
     storage = RunStorage(out, opts.name)
     if storage.exists():
         raise LipdetError(
-            f"a run named {opts.name!r} already exists under {out}: continue it with --resume {opts.name}, "
-            "or pick another --name"
+            f"a run named {opts.name!r} already exists under {out}: continue it with: lipdet train --resume {opts.name}, "
+            "or pick another name"
         )
     return storage
 
@@ -518,15 +518,15 @@ def _check_model_request(arch: str, width: float, model_options: dict[str, Any],
     resolve_options(ModelConfig(arch=arch, width=width, input_size=LoopConfig.input_size,
                                 options=dict(model_options)))
     if margin_eps < 0 or not math.isfinite(margin_eps):
-        raise LipdetError(f"--margin-eps must be >= 0, got {margin_eps}")
+        raise LipdetError(f"margin_eps must be >= 0, got {margin_eps}")
     if margin_eps > 0 and not arch.startswith("sll-"):
-        raise LipdetError("--margin-eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
+        raise LipdetError("margin_eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
 
 
 def _split_options(split: ValSplit) -> str:
-    """``"--val-fraction 0.1 --val-seed 0"`` (or ``--val-count N``): a split as the options that make it."""
-    size = f"--val-count {split.count}" if split.count > 0 else f"--val-fraction {split.fraction:g}"
-    return f"{size} --val-seed {split.seed}"
+    """``"val_fraction=0.1, val_seed=0"`` (or ``val_count=N``): a split as the parameters that make it."""
+    size = f"val_count={split.count}" if split.count > 0 else f"val_fraction={split.fraction:g}"
+    return f"{size}, val_seed={split.seed}"
 
 
 def _train_records(data: Path | None) -> int:
@@ -598,7 +598,7 @@ def check_resources(workers: int, use_gpu: bool) -> None:
     have = float(total.get(kind, 0.0))
     if have < workers:
         raise LipdetError(
-            f"--workers {workers} needs {workers} {kind}s but the Ray cluster has {have:g}"
+            f"workers={workers} needs {workers} {kind}s but the Ray cluster has {have:g}"
             + (" (a GPU run needs one GPU per worker)" if use_gpu else "")
         )
 
@@ -822,7 +822,7 @@ def _settle_devices(plan: RunPlan) -> None:
         plan.use_gpu = cluster_gpus() >= plan.workers
         plan.loop.use_gpu = plan.use_gpu
         if plan.loop.precision == "fp16" and not plan.use_gpu:
-            raise LipdetError("--precision fp16 needs a GPU and the Ray cluster has too few for the workers")
+            raise LipdetError("precision fp16 needs a GPU and the Ray cluster has too few for the workers")
     check_resources(plan.workers, plan.use_gpu)
 
 

@@ -47,9 +47,9 @@ class ValSplit:
     def check(self) -> "ValSplit":
         """Refuse values that cannot describe a split (one-line :class:`LipdetError`); returns self."""
         if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction < 1.0):
-            raise LipdetError(f"--val-fraction must be > 0 and < 1, got {self.fraction}")
+            raise LipdetError(f"val_fraction must be > 0 and < 1, got {self.fraction}")
         if self.count < 0:
-            raise LipdetError(f"--val-count must be >= 1 (or 0 to use --val-fraction), got {self.count}")
+            raise LipdetError(f"val_count must be >= 1 (or 0 to use val_fraction), got {self.count}")
         return self
 
     def size(self, n_train: int) -> int:
@@ -57,7 +57,7 @@ class ValSplit:
         self.check()
         k = self.count if self.count > 0 else max(1, math.floor(self.fraction * n_train + 0.5))
         if k >= n_train:
-            what = f"--val-count {self.count}" if self.count > 0 else f"--val-fraction {self.fraction:g}"
+            what = f"val_count={self.count}" if self.count > 0 else f"val_fraction={self.fraction:g}"
             raise LipdetError(f"{what} holds out {k} images, but the train split has only {n_train}: "
                               "nothing would be left to train on")
         return k

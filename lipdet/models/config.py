@@ -41,9 +41,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise LipdetError(f"unknown --arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+            raise LipdetError(f"unknown arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
         if not self.width > 0:
-            raise LipdetError(f"--width must be > 0, got {self.width}")
+            raise LipdetError(f"width must be > 0, got {self.width}")
         if self.input_size < 32:
             raise LipdetError(f"input size must be >= 32 pixels, got {self.input_size}")
 

@@ -123,7 +123,7 @@ class SLLOptions:
         names = [f.name for f in fields(cls)]
         unknown = set(options) - set(names)
         if unknown:
-            raise LipdetError(f"unknown option(s) for --arch {arch}: {', '.join(sorted(unknown))} "
+            raise LipdetError(f"unknown option(s) for arch {arch}: {', '.join(sorted(unknown))} "
                               f"(allowed: {', '.join(sorted(names))})")
         for f in fields(cls):
             if f.name in options and not f.metadata["check"](options[f.name]):
@@ -201,7 +201,7 @@ def resolve_options(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.arch in ARCH_MODES:
         return asdict(SLLOptions.from_dict(dict(cfg.options), cfg.arch))
     if cfg.options:
-        raise LipdetError(f"unknown option(s) for --arch {cfg.arch}: {', '.join(sorted(cfg.options))} (allowed: none)")
+        raise LipdetError(f"unknown option(s) for arch {cfg.arch}: {', '.join(sorted(cfg.options))} (allowed: none)")
     return {}
 
 
