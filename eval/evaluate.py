@@ -367,7 +367,7 @@ class Evaluator:
         self.precision = str(getattr(self.backend, "precision", "fp32") or "fp32")
         self.gate_tol: float | None = None  # tolerance of the clean twin check before attacking (reported)
         self.loss = AttackLoss(scoring_loss(settings.attack_loss), self.priors, self.input_size)
-        self.attack_losses = {name: self.loss if name == self.loss.name else AttackLoss(name, self.priors, self.input_size)
+        self.pgd_losses = {name: self.loss if name == self.loss.name else AttackLoss(name, self.priors, self.input_size)
                               for name in attack_losses(settings.attack_loss)}
         self.bounds: dict[str, Any] | None = bounds
         self.table: Any = None
@@ -413,7 +413,7 @@ class Evaluator:
         """Progress units per image: 1 clean pass + PGD steps (per attack run and loss) + Square queries."""
         s = self.settings
         runs = int(s.pgd) + sum(1 for e in s.sweep_eps() if not (s.pgd and e == s.eps))
-        return 1 + runs * len(self.attack_losses) * s.steps * s.restarts + (s.queries if s.blackbox else 0)
+        return 1 + runs * len(self.pgd_losses) * s.steps * s.restarts + (s.queries if s.blackbox else 0)
 
     def twin_tol(self, reference: tuple[Tensor, Tensor]) -> float:
         """The twin/engine tolerance for a batch: ``settings.twin_tol`` or the deploy stage's default."""
@@ -486,7 +486,7 @@ class Evaluator:
     def _pgd(self, b: "_Batch", eps: float, tag: str, name: str) -> _Attacked:
         """PGD on the twin with loss ``name`` at ``eps``, replayed on the engine (one candidate of an ensemble)."""
         s, n = self.settings, len(b.indices)
-        loss = self.attack_losses[name]
+        loss = self.pgd_losses[name]
         if eps == 0:  # nothing to craft: the clean images themselves go through the engine again
             adv = b.images.clone()
             eng = self.engine(adv)
@@ -513,7 +513,7 @@ class Evaluator:
         so each candidate is exactly what ``--attack-loss NAME`` alone crafts and the ensemble is, per image,
         never better for the model than any of them.
         """
-        names = list(self.attack_losses)
+        names = list(self.pgd_losses)
         runs = [self._pgd(b, eps, tag, name) for name in names]
         if len(runs) == 1:
             return runs[0], {names[0]: runs[0]}, names * len(b.indices)
