@@ -26,6 +26,7 @@ from typing import Any, Optional
 import typer
 
 from lipdet.errors import LipdetError
+from lipdet.hardware import PRECISION_CHOICES
 from lipdet.io import portable_path, write_text_atomic
 from lipdet.models.config import ARCHS
 
@@ -85,8 +86,10 @@ def run_experiment(
     eval_limit: Optional[int] = None,
     pgd_steps: int = 10,
     extra_train: tuple[str, ...] = (),
+    train_precision: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the experiment into ``out``; returns the table rows."""
+    """Run (or resume) the experiment into ``out``; returns the table rows. ``train_precision`` is
+    ``lipdet train --precision`` (``auto``: resolved per machine; a resumed run keeps its own)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     log = out / "experiment.log"
@@ -95,7 +98,8 @@ def run_experiment(
         run = runs / arch
         ckpt = run / "model.pt"
         if not ckpt.is_file():
-            args = ["train", "--arch", arch, "--workers", str(workers), "--out", str(runs), "--no-progress"]
+            args = ["train", "--arch", arch, "--workers", str(workers), "--out", str(runs), "--no-progress",
+                    "--precision", train_precision]
             args += ["--resume", arch] if run.is_dir() else ["--name", arch]
             if data is not None:
                 args += ["--data", str(data)]
@@ -175,6 +179,8 @@ def command(
     workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers per training run."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs per training run (default: lipdet train's)."),
     precision: str = typer.Option("fp32", "--precision", help="Comma-separated export precisions: fp32,fp16,int8."),
+    train_precision: str = typer.Option("auto", "--train-precision", help="lipdet train --precision for every run: "
+                                        f"{', '.join(PRECISION_CHOICES)} (auto: bf16 only where it is native and faster)."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT plans and evaluate the plans."),
     width: Optional[float] = typer.Option(None, "--width", help="Channel multiplier for every arch."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N test images only."),
@@ -197,6 +203,8 @@ def command(
     badp = [p for p in precs if p not in PRECISIONS]
     if not precs or badp:
         raise LipdetError(f"unknown --precision {','.join(badp) or precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if train_precision not in PRECISION_CHOICES:
+        raise LipdetError(f"unknown --train-precision {train_precision!r}; choose from: {', '.join(PRECISION_CHOICES)}")
     if data is not None and not data.is_dir():
         raise LipdetError(f"data folder not found: {data}")
     if data is not None:
@@ -209,6 +217,7 @@ def command(
         from lipdet.export.tensorrt import require_trt
 
         require_trt()  # before the first run trains, not after
-    rows = run_experiment(arch_list, out, data, workers, epochs, precs, trt, width, limit, steps)
+    rows = run_experiment(arch_list, out, data, workers, epochs, precs, trt, width, limit, steps,
+                          train_precision=train_precision)
     typer.echo(to_markdown(rows))
     typer.echo(f"\ntable: {out / 'results.md'}  json: {out / 'results.json'}")

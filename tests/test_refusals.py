@@ -77,6 +77,7 @@ def _onnx_without_card(path: Path) -> Path:
         (["--arch", "sll-spectral", "-O", "pool=avg"], "pool must be one of"),
         (["--arch", "resnet"], "Invalid value for '--arch'"),
         (["--resume", "no-such-run"], "no run named 'no-such-run'"),
+        (["--precision", "fp8"], "Invalid value for '--precision'"),
         (["--data", "missing-folder"], "data folder not found"),
         (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
         (["--val-fraction", "1.5"], "fraction must be > 0 and < 1, got 1.5"),
@@ -131,6 +132,7 @@ def test_eval_refuses_before_data_or_files(args, message, fresh, capsys, tmp_pat
     [
         (["--archs", "bogus"], "unknown --archs"),
         (["--precision", "fp8"], "unknown --precision"),
+        (["--train-precision", "fp8"], "unknown --train-precision"),
         (["--data", "{not_svhn}"], "not an SVHN format-1 folder"),
         (["--out", "{a_file}"], "exists and is not a folder"),
         pytest.param(["--trt"], "TensorRT needs an NVIDIA GPU", marks=NEEDS_NO_GPU),

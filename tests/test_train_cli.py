@@ -404,3 +404,75 @@ def test_curves_title_names_the_validation_split(tmp_path, monkeypatch):
     hist = [dict(epoch=e, loss=1.0, loc=0.5, cls=0.5, val_map_50=0.1, val_map=0.05, validation=label) for e in (1, 2)]
     plot_curves(hist, tmp_path / "curves.png")
     assert label in titles and not any("test" in t for t in titles)
+
+
+# ------------------------------------------------------------------------------------------
+# precision: auto by default, resolved once on the driver (issue #17)
+# ------------------------------------------------------------------------------------------
+
+
+def test_auto_precision_is_resolved_on_the_driver_and_recorded(tiny_svhn, tmp_path):
+    """The default is auto; the plan carries what the hardware module chose and why, the start line says
+    both, train.json records the resolved precision (never "auto")."""
+    from lipdet.hardware import choose_precision
+
+    assert TrainOptions().precision == "auto"
+    plan = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False))
+    expected = choose_precision("auto", torch.device("cpu"))
+    assert plan.precision == expected and plan.loop.precision == expected.precision in ("fp32", "bf16")
+    storage = RunStorage(plan.storage_path, plan.name)
+    line = trainer._start_line(plan, storage)
+    assert f"{expected.precision} ({expected.reason})" in line and "a bf16 matmul ran" in line
+    plan.run_dir.mkdir(parents=True)
+    trainer._write_run_record(plan, storage)
+    assert json.loads((plan.run_dir / trainer.RUN_FILE).read_text())["loop"]["precision"] == expected.precision
+    explicit = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False, precision="fp32"))
+    assert explicit.loop.precision == "fp32" and explicit.precision.reason == "as requested"
+
+
+def test_explicit_bf16_where_it_is_slower_prints_one_warning_line(tiny_svhn, tmp_path, capsys, no_ray, monkeypatch):
+    """On an AVX2-only CPU (issue #17's EPYC: bf16 matmul 0.10x fp32) ``--precision bf16`` still trains in bf16,
+    after one warning line with the measured reason; auto picks fp32 there and says why."""
+    from lipdet import hardware
+
+    epyc = hardware.Machine("AMD EPYC 7B13", "AVX2", frozenset({"avx2", "fma"}), 2)
+    monkeypatch.setattr(hardware, "machine", lambda: epyc)
+    monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda: 0.1)
+    with pytest.raises(AssertionError, match="Ray was started"):  # no_ray: everything before Ray has run
+        main(["train", "--data", str(tiny_svhn), "--out", str(tmp_path / "runs"), "--cpu", "--precision", "bf16"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert ", bf16 (as requested), batch" in lines[0]
+    warnings = [x for x in lines if x.startswith("warning:")]
+    assert warnings == [lines[1]] and "slower than fp32" in lines[1] and "0.10x" in lines[1] and "AVX2" in lines[1]
+    with pytest.raises(AssertionError, match="Ray was started"):
+        main(["train", "--data", str(tiny_svhn), "--out", str(tmp_path / "runs"), "--cpu"])
+    err = capsys.readouterr().err
+    assert ", fp32 (auto: no native bf16 (no AMX/AVX512-BF16) on AVX2, a bf16 matmul ran 0.10x fp32 here)" in err
+    assert "warning" not in err
+
+
+def test_resume_keeps_the_recorded_precision(tiny_svhn, tmp_path):
+    run = tmp_path / "r3"
+    run.mkdir()
+    loop = LoopConfig(data_root=str(tiny_svhn.resolve()), synthetic=False, epochs=2, precision="bf16")
+    (run / trainer.RUN_FILE).write_text(json.dumps({"loop": loop.to_dict()}))
+    plan = plan_run(TrainOptions(resume="r3", out=str(tmp_path), epochs=4, gpu=False))
+    assert plan.loop.precision == "bf16" and plan.precision.reason == "as the run recorded it"
+    assert "bf16 (as the run recorded it)" in trainer._start_line(plan, RunStorage(plan.storage_path, plan.name))
+    again = plan_run(TrainOptions(resume="r3", out=str(tmp_path), epochs=4, gpu=False, precision="fp32"))
+    assert again.loop.precision == "fp32"  # an explicit precision is this call's choice
+
+
+def test_precision_waits_for_the_cluster_when_the_device_does(tiny_svhn, tmp_path, monkeypatch):
+    """With --address and neither --gpu nor --cpu the cluster decides the device, then the precision
+    (here a cluster without GPUs: Ray's resource queries are replaced by their answer)."""
+    assert trainer.resolve_precision("auto", None) is None and trainer.resolve_precision("bf16", None) is None
+    assert trainer.resolve_precision("fp32", None).precision == "fp32"
+    plan = plan_run(TrainOptions(data=tiny_svhn, out=str(tmp_path), gpu=False))
+    plan.precision, plan.use_gpu, plan.loop.precision = None, None, "auto"
+    assert "auto (resolved once the cluster has decided GPU or CPU)" in trainer._start_line(
+        plan, RunStorage(plan.storage_path, plan.name))
+    monkeypatch.setattr(trainer, "cluster_gpus", lambda: 0.0)
+    monkeypatch.setattr(trainer, "check_resources", lambda workers, use_gpu: None)
+    assert trainer._settle_devices(plan) is True
+    assert plan.use_gpu is False and plan.loop.precision == plan.precision.precision in ("fp32", "bf16")

@@ -10,9 +10,9 @@ from typing import Optional
 import typer
 
 from lipdet.data.split import DEFAULT_VAL_FRACTION
+from lipdet.hardware import PRECISION_CHOICES
 from lipdet.models.config import ARCHS
 from lipdet.models.tinier_ssd import SLLOptions
-from lipdet.train.recipe import PRECISIONS
 from lipdet.train.trainer import (
     DEFAULT_EPOCHS,
     EPOCHS_ENV,
@@ -25,7 +25,7 @@ from lipdet.train.trainer import (
 
 Arch = enum.Enum("Arch", {a: a for a in ARCHS}, type=str)
 """``--arch`` choices (typer makes a bad value a usage error)."""
-Precision = enum.Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Precision = enum.Enum("Precision", {p: p for p in PRECISION_CHOICES}, type=str)
 """``--precision`` choices."""
 
 
@@ -79,8 +79,10 @@ def command(
         "(same settings; --epochs may extend it).", show_default=False,
     ),
     precision: Precision = typer.Option(
-        "fp32", "--precision", "-p", help="fp32, bf16 (autocast + channels_last; Lipschitz normalisations stay fp32), "
-        "or fp16 (GPU only)."
+        "auto", "--precision", "-p", help="auto (bf16 where this CPU has native bf16 and a short probe measures it "
+        "faster, or on a GPU with bf16; else fp32: the start line says which and why), fp32, bf16 (autocast + "
+        "channels_last; Lipschitz normalisations stay fp32; a warning where it is slower), or fp16 (GPU only). "
+        "With --resume, auto keeps the run's own."
     ),
     val_fraction: Optional[float] = typer.Option(
         None, "--val-fraction", help="Share of the train split held out for validation (model selection and "

@@ -41,6 +41,7 @@ from lipdet.data.digitstruct import count_records
 from lipdet.data.split import ValSplit
 from lipdet.data.synth import synth_sizes
 from lipdet.errors import LipdetError
+from lipdet.hardware import PRECISION_CHOICES, PrecisionChoice, choose_precision
 from lipdet.io import write_bytes_atomic, write_text_atomic
 from lipdet.models import build_from_config
 from lipdet.models.config import ARCHS, ModelConfig
@@ -156,7 +157,7 @@ class TrainOptions:
     address: str | None = None
     max_failures: int = 2
     resume: str | None = None
-    precision: str = "fp32"
+    precision: str = "auto"  # lipdet.hardware.PRECISION_CHOICES; resolved once by plan_run / _settle_devices
     threads: int = 0
     train_limit: int = 0
     val_limit: int = 0
@@ -199,6 +200,7 @@ class RunPlan:
     resumed: bool
     previous_history: list[dict[str, Any]] = field(default_factory=list)
     val_images: int = 0  # validation images held out of the train split
+    precision: PrecisionChoice | None = None  # the resolved precision and why (None: once the cluster is joined)
 
 
 @dataclass
@@ -337,6 +339,8 @@ def plan_run(opts: TrainOptions) -> RunPlan:
     else:
         storage, loop = _plan_new(opts, out, use_gpu)
         previous = []
+    precision = resolve_precision(opts.precision, use_gpu, loop.precision if opts.resume is not None else None)
+    loop.precision = precision.precision if precision is not None else opts.precision  # else: _settle_devices
     data_root = Path(loop.data_root)
     val_images = check_splits(data_root, loop.input_size, loop.validation)
     run_dir = storage.local if storage.local is not None else runs_root(None) / storage.name
@@ -353,7 +357,26 @@ def plan_run(opts: TrainOptions) -> RunPlan:
         resumed=opts.resume is not None,
         previous_history=previous,
         val_images=val_images,
+        precision=precision,
     )
+
+
+def resolve_precision(requested: str, use_gpu: bool | None, recorded: str | None = None) -> PrecisionChoice | None:
+    """The precision the workers train in, decided once, here on the driver.
+
+    ``requested`` is one of :data:`lipdet.hardware.PRECISION_CHOICES`. A resumed run asked for
+    ``auto`` keeps ``recorded`` (its ``train.json`` precision); otherwise
+    :func:`lipdet.hardware.choose_precision` decides for the workers' device (``auto``: bf16 only
+    where it is native and measured faster). None while the joined cluster has still to decide
+    between GPU and CPU (``use_gpu`` None): :func:`_settle_devices` resolves it then.
+    """
+    if requested == "auto" and recorded in PRECISIONS:
+        return PrecisionChoice(recorded, "as the run recorded it")
+    if use_gpu is None and requested in ("auto", "bf16"):
+        return None
+    if use_gpu and requested == "auto" and not _cuda_visible():
+        return PrecisionChoice("fp32", "auto: the workers' GPUs are not visible from this driver to check bf16")
+    return choose_precision(requested, torch.device("cuda" if use_gpu else "cpu"))
 
 
 def _validate_options(opts: TrainOptions) -> bool | None:
@@ -373,8 +396,8 @@ def _validate_options(opts: TrainOptions) -> bool | None:
         raise LipdetError(f"max_failures must be >= 0 (or -1 for unlimited), got {opts.max_failures}")
     if opts.arch is not None and opts.arch not in ARCHS:
         raise LipdetError(f"unknown arch {opts.arch!r}; choose one of: {', '.join(ARCHS)}")
-    if opts.precision not in PRECISIONS:
-        raise LipdetError(f"unknown precision {opts.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if opts.precision not in PRECISION_CHOICES:
+        raise LipdetError(f"unknown precision {opts.precision!r}; choose one of: {', '.join(PRECISION_CHOICES)}")
     if opts.name is not None and opts.resume is not None and opts.name != opts.resume:
         raise LipdetError("name and resume give different runs; resume alone names the run it continues")
     for label, value in (("name", opts.name), ("resume", opts.resume)):
@@ -398,7 +421,8 @@ def _validate_options(opts: TrainOptions) -> bool | None:
 def _plan_resume(opts: TrainOptions, out: str, use_gpu: bool | None
                  ) -> tuple[RunStorage, LoopConfig, list[dict[str, Any]]]:
     """The stopped run ``opts.resume`` under ``out``: its storage, its loop config updated with
-    this call's epochs/precision/device/threads, and the history it recorded."""
+    this call's epochs/device/threads (:func:`plan_run` then resolves the precision: ``auto`` keeps
+    the recorded one), and the history it recorded."""
     storage = RunStorage(out, opts.resume)
     loop = _saved_loop(storage, opts.resume, out)
     _check_unchanged(opts, loop)
@@ -416,7 +440,6 @@ def _plan_resume(opts: TrainOptions, out: str, use_gpu: bool | None
     data_root = _resolve_data(None)[0] if loop.synthetic else Path(loop.data_root)
     loop.epochs = epochs
     loop.data_root = str(data_root)
-    loop.precision = opts.precision
     loop.use_gpu = bool(use_gpu)
     loop.threads = opts.threads
     loop.fault = opts.fault
@@ -774,9 +797,13 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] | None = None) 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_record(plan, storage)
     say(_start_line(plan, storage))
+    _warn_precision(plan, say)
     t0 = time.perf_counter()
     with ray_session(opts.address, plan.workers):
-        _settle_devices(plan)
+        if _settle_devices(plan):
+            _write_run_record(plan, storage)  # train.json records the precision the cluster's device resolved
+            say(f"precision: {_precision_text(plan)}")
+            _warn_precision(plan, say)
         state = _fit(plan, opts, say)
     seconds = time.perf_counter() - t0
     if int(state["epoch"]) < plan.loop.epochs:
@@ -809,21 +836,40 @@ def _start_line(plan: RunPlan, storage: RunStorage) -> str:
         f"{what} {plan.loop.arch} (width {plan.loop.width:g}) for {plan.loop.epochs} epochs on "
         f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
         f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
-        f"{plan.loop.precision}, batch {plan.loop.batch_size}, "
+        f"{_precision_text(plan)}, batch {plan.loop.batch_size}, "
         f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)}; "
         f"{plan.loop.validation.describe(plan.val_images)} -> {storage.describe()}"
     )
 
 
-def _settle_devices(plan: RunPlan) -> None:
-    """With Ray joined: decide GPU or CPU where the plan left it to the cluster, and check the
-    cluster can ever fit the workers."""
+def _precision_text(plan: RunPlan) -> str:
+    """``bf16 (auto: native bf16 (...), a bf16 matmul ran 3.80x fp32 here)``: what the run trains in and why."""
+    if plan.precision is None:
+        return f"{plan.loop.precision} (resolved once the cluster has decided GPU or CPU)"
+    return f"{plan.precision.precision} ({plan.precision.reason})"
+
+
+def _warn_precision(plan: RunPlan, say: Callable[[str], None]) -> None:
+    """The one warning line of a precision asked for where it is slower (:class:`PrecisionChoice`)."""
+    if plan.precision is not None and plan.precision.warning:
+        say(plan.precision.warning)
+
+
+def _settle_devices(plan: RunPlan) -> bool:
+    """With Ray joined: decide GPU or CPU where the plan left it to the cluster, resolve the precision
+    that waited for it, and check the cluster can ever fit the workers. True when the precision was
+    resolved here (the caller records and prints it)."""
+    late = False
     if plan.use_gpu is None:
         plan.use_gpu = cluster_gpus() >= plan.workers
         plan.loop.use_gpu = plan.use_gpu
         if plan.loop.precision == "fp16" and not plan.use_gpu:
             raise LipdetError("precision fp16 needs a GPU and the Ray cluster has too few for the workers")
+        if plan.precision is None:
+            plan.precision = resolve_precision(plan.loop.precision, plan.use_gpu)
+            plan.loop.precision, late = plan.precision.precision, True
     check_resources(plan.workers, plan.use_gpu)
+    return late
 
 
 def _fit(plan: RunPlan, opts: TrainOptions, say: Callable[[str], None]) -> dict[str, Any]:
