@@ -128,7 +128,7 @@ class HttpBackend(Backend):
         if self.twin_file is not None:
             got = sha256_file(self.twin_file)
             if got != want:
-                raise LipdetError(f"--twin {self.twin_file}: sha256 {got[:12]}... is not the served model's "
+                raise LipdetError(f"twin_file {self.twin_file}: sha256 {got[:12]}... is not the served model's "
                                   f"({want[:12]}..., from {self.url}/v1/model); refusing to attack with another model")
             return load_twin(self.twin_file)
         with tempfile.TemporaryDirectory(prefix="lipdet-twin-") as tmp:

@@ -76,7 +76,7 @@ def run_sharded(
         use_gpu = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
         gpus = float(resources.get("GPU", 0.0))
         if use_gpu and gpus <= 0:
-            raise LipdetError("--workers with a CUDA device: the Ray cluster has no GPU")
+            raise LipdetError("sharded workers on a CUDA device: the Ray cluster has no GPU")
         options: dict[str, Any] = {"num_cpus": min(1.0, cpus / workers)}
         if use_gpu:
             options["num_gpus"] = min(1.0, gpus / workers)

@@ -79,7 +79,7 @@ def config_text(name: str, platform: str, max_batch: int, inputs: list[TensorSpe
 def check_repo(repo: Path) -> None:
     """Refuse (before any export work) a ``--triton`` REPO that is an existing file."""
     if Path(repo).exists() and not Path(repo).is_dir():
-        raise LipdetError(f"--triton {repo}: exists and is not a folder")
+        raise LipdetError(f"Triton repository {repo}: exists and is not a folder")
 
 
 def write_repository(repo: Path, artifact: Path, max_batch: int) -> Path:
@@ -100,7 +100,7 @@ def write_repository(repo: Path, artifact: Path, max_batch: int) -> Path:
     try:
         (folder / "1").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LipdetError(f"--triton {repo}: cannot create {folder / '1'} ({e.strerror})") from None
+        raise LipdetError(f"Triton repository {repo}: cannot create {folder / '1'} ({e.strerror})") from None
     write_bytes_atomic(folder / "1" / file_name, artifact.read_bytes())
     config = folder / "config.pbtxt"
     write_text_atomic(config, config_text(name, platform, max_batch, inputs, outputs))
