@@ -12,7 +12,8 @@ Endpoints (the Ray Serve deployment in :mod:`lipdet.deploy.serve` routes them he
 * ``GET /v1/model``: the model card, the served file's sha256 and the twin's (see below).
 * ``GET /v1/model/onnx``: the bytes of the served model's ONNX twin (the ``.onnx`` itself, or a
   plan's source ONNX), for gradient attacks through ``lipdet eval --pgd``.
-* ``GET /healthz``: 200 ``{"status": "ready"}`` once the engine answered a warm-up batch, else 503.
+* ``GET /healthz``: 200 ``{"status": "ready", "replica": {"pid", "host"}}`` once the engine answered a
+  warm-up batch, else 503 (``replica`` names the replica that answered).
 
 Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for anything the client sent.
 """

@@ -15,6 +15,7 @@ Ray and FastAPI are imported by this module: import it only to serve (the CLI do
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,9 +226,10 @@ class DetectorServer:
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
+        replica = {"pid": os.getpid(), "host": socket.gethostname()}  # which replica answered (operations)
         if not self.ready:
-            return JSONResponse({"status": "warming up"}, status_code=503)
-        return {"status": "ready"}
+            return JSONResponse({"status": "warming up", "replica": replica}, status_code=503)
+        return {"status": "ready", "replica": replica}
 
 
 def deploy(options: ServeOptions) -> str:

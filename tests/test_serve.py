@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import socket
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,12 +71,12 @@ def exported(tmp_path_factory, tiny_svhn) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, exported):
-    """The module's Ray Serve instance: 1 CPU replica, batches of up to 16, 5 ms wait. Yields its URL."""
+    """The module's Ray Serve instance: 2 CPU replicas, batches of up to 16, 5 ms wait. Yields its URL."""
     from ray import serve
 
     from lipdet.deploy.serve import ServeOptions, deploy
 
-    url = deploy(ServeOptions(model=exported, max_batch=16, port=free_port()).validate())
+    url = deploy(ServeOptions(model=exported, replicas=2, max_batch=16, port=free_port()).validate())
     yield url
     serve.shutdown()
 
@@ -106,13 +110,14 @@ def assert_same_detections(got: list[dict], want: list[dict]) -> None:
 
 
 def test_healthz_and_model_card(server, exported):
-    assert call(f"{server}/healthz") == (200, b'{"status":"ready"}')
+    status, body = call(f"{server}/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ready"
     status, body = call(f"{server}/v1/model")
     info = json.loads(body)
     assert status == 200
     assert info["card"]["model"]["arch"] == "sll-spectral" and info["card"]["lipschitz"]
     assert info["artifact"]["sha256"] == sha256_file(exported) == info["twin"]["sha256"]
-    assert info["server"]["max_batch"] == 16 and info["server"]["replicas"] == 1
+    assert info["server"]["max_batch"] == 16 and info["server"]["replicas"] == 2
     status, onnx = call(f"{server}/v1/model/onnx")
     assert status == 200 and onnx == exported.read_bytes()
 
@@ -153,6 +158,63 @@ def test_every_bad_input_is_a_4xx_and_the_next_request_succeeds(server, crops):
         assert words in message and "\n" not in message
         assert call(f"{server}/v1/detect", good)[0] == 200  # the replica keeps serving
     assert call(f"{server}/healthz")[0] == 200
+
+
+def replica_pids(url: str, want: int, tries: int = 60) -> set[int]:
+    """Replica pids seen answering GET /healthz, polling until ``want`` distinct ones (bounded)."""
+    seen: set[int] = set()
+    for _ in range(tries):
+        status, body = call_or_fail(f"{url}/healthz")
+        if status == 200:
+            seen.add(int(json.loads(body)["replica"]["pid"]))
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def call_or_fail(url: str, data: bytes | None = None) -> tuple[int, bytes]:
+    """:func:`call`, with a dropped connection or a timeout as status 0 (counted, never hanging)."""
+    try:
+        return call(url, data)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        return 0, str(e).encode()
+
+
+def test_a_killed_replica_is_replaced_and_no_request_hangs(server, crops):
+    """SIGKILL one replica under load from 4 bounded client loops: Ray Serve starts a new one; every
+    request ends within the client timeout; failures during the gap are 5xx, the rest succeed."""
+    before = replica_pids(server, 2)
+    assert len(before) == 2
+    good = encode(Image.fromarray(crops[0]))
+    victim = min(before)
+    stop = time.monotonic() + 90
+    statuses: list[int] = []
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            statuses.append(call_or_fail(f"{server}/v1/detect", good)[0])
+            assert time.monotonic() - t0 <= TIMEOUT + 5
+
+    with ThreadPoolExecutor(4) as pool:
+        loops = [pool.submit(client) for _ in range(4)]
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        replaced: set[int] = set()
+        while time.monotonic() < stop and not replaced:
+            replaced = replica_pids(server, 3, tries=5) - before
+            time.sleep(0.5)
+        ok_before = statuses.count(200)
+        while time.monotonic() < stop and statuses.count(200) < ok_before + 20:  # served again after the new one
+            time.sleep(0.2)
+        stop = time.monotonic()
+        for f in loops:
+            f.result()
+    failed = [s for s in statuses if s != 200]
+    print(f"replica {victim} killed: {len(statuses)} requests, {statuses.count(200)} ok, failures {Counter(failed)}")
+    assert replaced, "Ray Serve did not replace the killed replica within 90 s"
+    assert all(s >= 500 for s in failed), Counter(failed)
+    assert statuses.count(200) > len(failed)
 
 
 def test_eval_over_http_is_the_file_eval(server, exported, tiny_svhn):
