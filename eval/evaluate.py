@@ -42,7 +42,14 @@ from lipdet.eval.attacks import (
     ENSEMBLE, SELECTION_RULE, AttackLoss, attack_losses, image_harm, image_seed, pgd_l2, scoring_loss, square_l2,
     worst_per_image,
 )
-from lipdet.eval.certify import CERTIFIED_DEFINITION, AnchorBounds, certified_share, certify_image
+from lipdet.eval.certify import (
+    CERTIFIED_DEFINITION,
+    AnchorBounds,
+    binding_summary,
+    certified_share,
+    certify_image,
+    head_rows,
+)
 from lipdet.metrics import DetectionMAP
 from lipdet.parity import agreement, max_abs_per_image
 from lipdet.postprocess import PostprocessConfig, postprocess
@@ -225,7 +232,7 @@ class ImageRecord:
     sweep_diff: dict[float, float | None] = field(default_factory=dict)
     square: Dets | None = None
     loss: dict[str, float] = field(default_factory=dict)
-    cert: dict[str, Tensor] | None = None
+    cert: dict[str, Any] | None = None  # lipdet.eval.certify.certify_image's result
     image: Tensor | None = None
     adv_image: Tensor | None = None
 
@@ -381,7 +388,9 @@ class Evaluator:
                 self.bounds = head_bounds(self.twin, self.table)
             card = getattr(self.backend, "card", None) or getattr(self.twin, "card", None)
             fs = card.priors.feature_sizes if card is not None else None
-            self.anchor_bounds = AnchorBounds.from_head_bounds(self.bounds, self.priors.shape[0], fs)
+            # per-anchor head rows (tighter than the whole head convolution): see lipdet.eval.certify
+            self.anchor_bounds = AnchorBounds.from_head_bounds(self.bounds, self.priors.shape[0], fs,
+                                                               head_rows(self.twin))
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -784,6 +793,7 @@ def summarise(
                 "per_scale": anchor_bounds.per_scale if anchor_bounds else [],
             },
             "definition": CERTIFIED_DEFINITION,
+            **binding_summary([r.cert for r in records if r.cert is not None], grid),
         }
     return summary
 

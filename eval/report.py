@@ -209,6 +209,24 @@ def _details(summary: dict[str, Any]) -> str:
     return f"<table class='kv'>{rows}</table>"
 
 
+def _certificate_section(cert: dict[str, Any] | None) -> str:
+    """The definition, and what binds (class vs box radius) at up to eight eps of the curve."""
+    if not cert:
+        return ""
+    out = f"<h2>Certificates</h2><p>{html.escape(cert['definition'])}</p>"
+    curve, counts = cert.get("binding_curve"), cert.get("binding")
+    if not curve or not counts:  # results written before binding was reported
+        return out
+    keep = {cert["eps"]} | {p["eps"] for p in curve[:: max(1, len(curve) // 7)]}
+    rows = "".join(f"<tr><td>{p['eps']:g}</td><td>{p['certified']}</td><td>{p['failed_cls']}</td><td>{p['failed_box']}</td></tr>"
+                   for p in curve if p["eps"] in keep)
+    return (out + f"<h3>What binds</h3><p>Detected objects whose best certificate is bound by the class radius: "
+            f"{counts['cls']}, by the box radius: {counts['box']}; median r_cls {_fmt(cert['median_r_cls_detected'])}, "
+            f"median r_box {_fmt(cert['median_r_box_detected'])} (detected objects).</p>"
+            "<table><tr><th>eps</th><th>certified objects</th><th>not certified: class binds</th>"
+            f"<th>not certified: box binds</th></tr>{rows}</table>")
+
+
 def ensure_lipschitz(result: EvalResult, model: Any) -> None:
     """Fill ``result``'s per-layer table and head bounds from the artifact's twin if still missing.
 
@@ -266,8 +284,7 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
         figs.append("<h2>Per-layer Lipschitz bounds (from the artifact's weights)</h2>"
                     "<figure><img src='lipschitz.png' alt='Lipschitz bounds per layer'></figure>")
 
-    cert = s.get("certify")
-    cert_html = (f"<h2>Certificates</h2><p>{html.escape(cert['definition'])}</p>" if cert else "")
+    cert_html = _certificate_section(s.get("certify"))
 
     write_text_atomic(out / "results.json", json.dumps(result.to_dict(), indent=2, sort_keys=True))
     page = f"""<!DOCTYPE html>

@@ -18,6 +18,7 @@ from lipdet.eval.certify import (
     class_radius,
     detection_anchors,
     iou_lower_bound,
+    iou_lower_bound_ball,
     iou_lower_bound_l2,
     sphere_corners,
 )
@@ -118,14 +119,22 @@ def test_iou_lower_bound_holds_for_sampled_boxes():
         box = decode(offsets + delta, priors).clamp(0, 1)  # clamped like post-processing does
         iou = box_iou(box.double(), gt.double()).diagonal()
         assert bool((iou >= lb - 1e-9).all())
-    # Bisection: at the radius the bound is ~0.5; below it, above 0.5.
+    # Bisection: at the radius the bound it certifies with (now the tight iou_lower_bound_ball, no longer
+    # iou_lower_bound_l2) is ~0.5; below it, above 0.5.
     r = box_radius(offsets, priors, gt, torch.full((m,), 2.0))
     ok = r > 0
     assert ok.any()
-    at = iou_lower_bound_l2(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 0.999)
+    at = iou_lower_bound_ball(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 0.999)
     assert bool((at >= 0.5).all())
-    above = iou_lower_bound_l2(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 1.01)
+    above = iou_lower_bound_ball(offsets[ok], priors[ok], gt[ok], 2.0 * r[ok] * 1.01)
     assert bool((above < 0.5).all())
+    # ... and it is at least the radius the coarse covering bound certifies (bisected here).
+    lo, hi = torch.zeros(int(ok.sum()), dtype=torch.float64), 2.0 * r[ok] * 1.01
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        good = iou_lower_bound_l2(offsets[ok], priors[ok], gt[ok], mid) >= 0.5
+        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+    assert bool((2.0 * r[ok] >= lo * (1 - 1e-9)).all())
 
 
 def test_sphere_corners_cover_the_orthant_of_the_ball():
