@@ -35,34 +35,59 @@ def lipschitz_report(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _fmt_ratio(r: Any) -> str:
+    return "-" if r is None else f"{r:.5f}"
+
+
+_LAYER_COLS = ("layer", "kind", "bound", "measured", "ratio", "cumulative")
+
+
+def _layer_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    return (r["name"], r["kind"], f"{r['norm']:.6g}", f"{r.get('measured', 0.0):.6g}", _fmt_ratio(r.get("ratio")),
+            f"{r['cumulative']:.6g}")
+
+
+def _head_cells(p: dict[str, Any]) -> tuple[str, ...]:
+    def pair(key: str) -> str:
+        return f"{p[key]:.6g} / {p.get(key + '_measured', 0.0):.6g}"
+
+    return (str(p["feature_size"]), p["tap"], pair("trunk"), pair("loc_head"), pair("cls_head"), pair("loc"),
+            pair("cls"))
+
+
+_HEAD_COLS = ("scale", "tap", "trunk", "loc head", "cls head", "L loc", "L cls")
+
+
 def _print_report(report: dict[str, Any], source: str) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # plain text fallback
-        typer.echo(f"{'layer':<14} {'kind':<14} {'operator norm':>14} {'cumulative':>14}")
+        typer.echo(" ".join(f"{c:>12}" for c in _LAYER_COLS))
         for r in report["layers"]:
-            typer.echo(f"{r['name']:<14} {r['kind']:<14} {r['norm']:>14.6g} {r['cumulative']:>14.6g}")
+            typer.echo(" ".join(f"{c:>12}" for c in _layer_cells(r)))
+        typer.echo("input -> head output (bound / measured): " + ", ".join(_HEAD_COLS))
         for p in report["heads"]["per_scale"]:
-            typer.echo(f"scale {p['feature_size']:>2}: loc {p['loc']:.6g}  cls {p['cls']:.6g}")
+            typer.echo("  ".join(_head_cells(p)))
     else:
         console = Console()
         cfg = report["model"]
         table = Table(title=f"{source}: {cfg['arch']} width {cfg['width']} input {cfg['input_size']}")
-        for col, just in (("layer", "left"), ("kind", "left"), ("operator norm", "right"), ("cumulative", "right")):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for col in _LAYER_COLS:
+            table.add_column(col, justify="left" if col in ("layer", "kind") else "right")  # type: ignore[arg-type]
         for r in report["layers"]:
-            table.add_row(r["name"], r["kind"], f"{r['norm']:.6g}", f"{r['cumulative']:.6g}")
+            table.add_row(*_layer_cells(r))
         console.print(table)
-        heads = Table(title="input -> head output bounds")
-        for col in ("scale", "tap", "trunk", "loc head", "cls head", "L loc", "L cls"):
+        heads = Table(title="input -> head output: bound / measured")
+        for col in _HEAD_COLS:
             heads.add_column(col, justify="right")
         for p in report["heads"]["per_scale"]:
-            heads.add_row(str(p["feature_size"]), p["tap"], f"{p['trunk']:.6g}", f"{p['loc_head']:.6g}",
-                          f"{p['cls_head']:.6g}", f"{p['loc']:.6g}", f"{p['cls']:.6g}")
+            heads.add_row(*_head_cells(p))
         console.print(heads)
     h = report["heads"]
     typer.echo(f"global bound (max over scales): loc {h['loc']:.6g}  cls {h['cls']:.6g}")
+    typer.echo("bound: guaranteed upper bound (certificates use it); measured: a lower estimate of the same "
+               "per-layer quantity; ratio = bound / measured")
 
 
 def lipschitz_command(
@@ -72,10 +97,13 @@ def lipschitz_command(
 ) -> None:
     """Print the per-layer Lipschitz bounds of MODEL and the bound of each head.
 
-    Each row gives the layer's operator norm (L2, measured by power iteration on the real
-    convolution at its input size) and the cumulative bound from the input pixels up to that
-    layer; the heads' bounds (max over the four scales) are what per-anchor certificates use.
-    An .onnx model is analysed through its folded PyTorch twin.
+    Each row gives the layer's bound (a guaranteed upper bound of its L2 Lipschitz constant, from
+    the weights: the operator norm of a convolution at its real input size, bounded through its
+    circulant embedding or computed densely, with a float64 rounding margin), a measured lower
+    estimate of the same quantity (Lanczos / Jacobian power iteration), their ratio, and the
+    cumulative bound from the input pixels up to that layer. The heads' bounds (max over the
+    four scales) are what per-anchor certificates use. An .onnx model is analysed through its
+    folded PyTorch twin.
 
     Example: lipdet lipschitz runs/sll-l2/model.pt --out runs/sll-l2/lipschitz
     """
@@ -87,7 +115,7 @@ def lipschitz_command(
     _print_report(report, model.name)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        table = [LayerBound(**r) for r in report["layers"]]
+        table = [LayerBound.from_dict(r) for r in report["layers"]]
         plot_bounds(table, report["heads"], out / "lipschitz.png")
         write_text_atomic(out / "lipschitz.json", json.dumps(report, indent=2) + "\n")
         typer.echo(f"wrote {out / 'lipschitz.png'} and {out / 'lipschitz.json'}")

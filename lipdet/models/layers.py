@@ -3,8 +3,12 @@
 Every module here exposes:
 
 * ``kind`` -- a short label used in Lipschitz tables (``"sll"``, ``"conv-spectral"``, ...);
-* ``lipschitz_bound(input_hw=None) -> float`` -- an upper bound of the module's L2 Lipschitz
-  constant for inputs of spatial size ``input_hw`` (defaults to the size given at construction);
+* ``lipschitz_bound(input_hw=None) -> float`` -- a guaranteed upper bound of the module's L2
+  Lipschitz constant for inputs of spatial size ``input_hw`` (defaults to the size given at
+  construction), computed from the weights alone (convolutions: :mod:`lipdet.models.opnorm`);
+* ``lipschitz_estimates(input_hw=None) -> NormEstimate`` -- that bound and ``measured``, a lower
+  estimate of the same quantity (Lanczos, a Jacobian power iteration or an exact value), for the
+  check / ratio column of Lipschitz tables: never used in a certificate;
 * ``fold() -> nn.Module`` -- an equivalent module made of plain ops only (``nn.Conv2d``, ReLU,
   max-pool, subtraction, channel pad/slice), used for export.
 
@@ -16,20 +20,37 @@ in fp32 with autocast disabled, so guarantees hold when training in bf16/fp16.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipdet.errors import LipdetError
+from lipdet.models.opnorm import (
+    NORM_MAX_MATVECS,
+    NORM_TOL,
+    U64,
+    NormEstimate,
+    conv_adjoint,
+    conv_norm_estimates,
+    conv_operator_norm,
+    conv_operator_norm_and_vector,
+    conv_operator_norm_upper,
+    conv_output_hw,
+    gram_abs,
+    gram_norm_bound,
+    jacobian_norm,
+)
+
+__all__ = [  # the operator-norm names are re-exported: they lived here before lipdet.models.opnorm
+    "CONV_MODES", "NORM_MAX_MATVECS", "NORM_TOL", "ChannelPad", "ConvBNAct", "FoldedConv", "FoldedSLL", "MaxPool",
+    "NormConv2d", "NormEstimate", "NormPool", "SLLConv2d", "conv_adjoint", "conv_norm_estimates", "conv_operator_norm",
+    "conv_operator_norm_and_vector", "conv_operator_norm_upper", "conv_output_hw", "gram_norm_bound", "pool_lipschitz",
+]
 
 CONV_MODES: tuple[str, ...] = ("spectral", "standard", "l2")
 """Modes of the entry/exit convolutions of the Lipschitz architectures."""
-
-# Default accuracy of the "to convergence" operator-norm computation.
-NORM_TOL: float = 1e-7
-NORM_MAX_MATVECS: int = 1200
 
 HW = tuple[int, int]
 
@@ -42,155 +63,6 @@ def _fp32_context(t: Tensor) -> torch.autocast:
 def _hi(t: Tensor) -> Tensor:
     """``t`` in at least fp32 (fp64 stays fp64)."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-# --------------------------------------------------------------------------------------------
-# Operator norm of a convolution
-# --------------------------------------------------------------------------------------------
-
-
-def conv_output_hw(input_hw: HW, kernel_size: int, stride: int, padding: int) -> HW:
-    """Spatial output size of a convolution (floor rule, like ``nn.Conv2d``)."""
-    return tuple((s + 2 * padding - kernel_size) // stride + 1 for s in input_hw)  # type: ignore[return-value]
-
-
-def conv_adjoint(y: Tensor, weight: Tensor, input_hw: HW, stride: int, padding: int) -> Tensor:
-    """Apply the adjoint (transpose) of ``x -> conv2d(x, weight, stride, padding)`` to ``y``.
-
-    Args:
-        y: ``(N, Cout, Ho, Wo)``.
-        weight: ``(Cout, Cin, k, k)``.
-        input_hw: the ``(H, W)`` of the convolution's input, which the result has.
-
-    Returns:
-        ``(N, Cin, H, W)``; exact for zero padding, including the rows/columns a strided
-        convolution never reads (restored with ``output_padding``).
-    """
-    k_h, k_w = weight.shape[-2:]
-    out_pad = tuple(
-        int(s - ((o - 1) * stride - 2 * padding + k)) for s, o, k in zip(input_hw, y.shape[-2:], (k_h, k_w))
-    )
-    return F.conv_transpose2d(y, weight, stride=stride, padding=padding, output_padding=out_pad)
-
-
-def _lanczos_top_eigen(
-    matvec: Callable[[Tensor], Tensor],
-    v0: Tensor,
-    max_matvecs: int,
-    tol: float,
-    cycle: int = 32,
-) -> tuple[float, Tensor]:
-    """Largest eigenvalue of a symmetric PSD operator by restarted Lanczos (full reorthogonalisation).
-
-    Lanczos is power iteration's Krylov acceleration: after ``j`` steps its top Ritz value is at
-    least the power-iteration estimate after ``j`` steps, and it converges far faster on the dense
-    spectra of convolution operators (where plain power iteration needs thousands of steps).
-    Like power iteration it never overestimates: the result is a Ritz value, i.e. ``<= lambda_max``.
-
-    Args:
-        matvec: the operator, acting on tensors shaped like ``v0``.
-        v0: start vector (any shape, non-zero).
-        max_matvecs: budget of operator applications.
-        tol: stop when the estimate changes by less than ``tol`` (relative) between restarts.
-        cycle: Lanczos steps per restart.
-
-    Returns:
-        ``(lambda_max estimate, unit Ritz vector shaped like v0)``.
-    """
-    q = v0 / v0.norm().clamp_min(1e-30)
-    theta_prev = -1.0
-    theta = 0.0
-    used = 0
-    n = q.numel()
-    m = max(1, min(cycle, n))
-    while used < max_matvecs:
-        basis = [q]
-        alphas: list[Tensor] = []
-        betas: list[Tensor] = []
-        exhausted = False
-        for j in range(m):
-            z = matvec(basis[-1])
-            used += 1
-            alphas.append((z * basis[-1]).sum())
-            for _ in range(2):  # twice is enough (Kahan-Parlett)
-                for b in basis:
-                    z = z - (z * b).sum() * b
-            beta = z.norm()
-            if j == m - 1 or used >= max_matvecs:
-                break
-            if beta <= 1e-12 * max(abs(float(alphas[0])), 1e-30):
-                exhausted = True  # invariant subspace found: the Ritz values are exact
-                break
-            betas.append(beta)
-            basis.append(z / beta)
-        tri = torch.diag(torch.stack(alphas))
-        if betas:
-            off = torch.stack(betas)
-            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(tri)
-        theta = float(evals[-1])
-        y = evecs[:, -1]
-        q = sum(y[i] * basis[i] for i in range(len(basis)))
-        q = q / q.norm().clamp_min(1e-30)
-        if exhausted or len(basis) >= n:
-            break
-        if theta_prev > 0 and abs(theta - theta_prev) <= tol * abs(theta):
-            break
-        theta_prev = theta
-    return max(theta, 0.0), q
-
-
-def conv_operator_norm_and_vector(
-    weight: Tensor,
-    input_hw: HW,
-    stride: int = 1,
-    padding: Optional[int] = None,
-    iters: int = NORM_MAX_MATVECS,
-    tol: float = NORM_TOL,
-    u0: Optional[Tensor] = None,
-    dtype: torch.dtype = torch.float64,
-) -> tuple[float, Tensor]:
-    """Like :func:`conv_operator_norm` but also returns the top right-singular vector ``(1, Cin, H, W)``."""
-    if padding is None:
-        padding = weight.shape[-1] // 2
-    with _fp32_context(weight), torch.no_grad():
-        w = weight.detach().to(dtype)
-        if u0 is None or tuple(u0.shape) != (1, w.shape[1], *input_hw):
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            u0 = torch.randn((1, w.shape[1], *input_hw), generator=gen, dtype=dtype).to(w.device)
-        u0 = u0.detach().to(device=w.device, dtype=dtype)
-
-        def gram(v: Tensor) -> Tensor:
-            return conv_adjoint(F.conv2d(v, w, stride=stride, padding=padding), w, input_hw, stride, padding)
-
-        lam, vec = _lanczos_top_eigen(gram, u0, max_matvecs=iters, tol=tol)
-    return math.sqrt(lam), vec
-
-
-def conv_operator_norm(
-    weight: Tensor,
-    input_hw: HW,
-    stride: int = 1,
-    padding: Optional[int] = None,
-    iters: int = NORM_MAX_MATVECS,
-    tol: float = NORM_TOL,
-) -> float:
-    """Operator (spectral) norm of ``x -> conv2d(x, weight, stride, padding)`` on ``(Cin, H, W)`` inputs.
-
-    The norm of the actual linear map (zero padding, real input size and stride), not of the
-    reshaped kernel: power iteration on ``conv`` followed by its adjoint ``conv_transpose``,
-    accelerated by restarted Lanczos, in float64, until the estimate changes by less than ``tol``
-    (relative) or ``iters`` operator applications were used. The bias does not matter.
-
-    Args:
-        weight: ``(Cout, Cin, k, k)``.
-        input_hw: input spatial size ``(H, W)`` in pixels.
-        stride, padding: as in ``nn.Conv2d`` (``padding=None`` means ``k // 2``).
-
-    Returns:
-        the largest singular value (a tight estimate from below; see ``_lanczos_top_eigen``).
-    """
-    return conv_operator_norm_and_vector(weight, input_hw, stride, padding, iters, tol)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,10 +95,16 @@ class FoldedConv(nn.Module):
         return F.relu(x) if self.relu else x
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        """Operator norm of the convolution (ReLU is 1-Lipschitz)."""
+        """Guaranteed upper bound of the convolution's operator norm (ReLU is 1-Lipschitz)."""
         hw = _need_hw(input_hw, self.input_hw, self)
         c = self.conv
-        return conv_operator_norm(c.weight, hw, c.stride[0], int(c.padding[0]))
+        return conv_operator_norm_upper(c.weight, hw, c.stride[0], int(c.padding[0]))
+
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and a lower estimate of the convolution's operator norm (ReLU counted as 1 in both)."""
+        hw = _need_hw(input_hw, self.input_hw, self)
+        c = self.conv
+        return conv_norm_estimates(c.weight, hw, c.stride[0], int(c.padding[0]))
 
     def fold(self) -> "FoldedConv":
         return self
@@ -268,24 +146,36 @@ class FoldedSLL(nn.Module):
         return bool(torch.allclose(c2.weight.detach(), expected, rtol=rtol, atol=rtol * max(scale, 1e-30)))
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        """Bound of the block computed from its weights alone.
+        """Guaranteed upper bound of the block's Lipschitz constant, from its weights alone.
 
-        With the SLL structure (``conv2 = 2 conv1^T``) the Jacobian is ``I - 2 A^T D A`` with ``A``
-        = conv1, ``D`` diagonal in [0, 1]: symmetric with eigenvalues in ``[1 - 2||A||^2, 1]``, so the
-        bound is 1 when ``||A|| <= 1`` (checked to 1e-4, first with the cheap Gershgorin bound on
-        ``A A^T``, then by power iteration) and ``2||A||^2 - 1`` otherwise. Without the structure:
-        the triangle bound ``1 + ||conv2|| ||conv1||``.
+        ``f(x) - f(y) = (I - B D A)(x - y)`` with ``A`` = conv1, ``B`` = conv2 and ``D`` diagonal in
+        ``[0, 1]`` (ReLU's difference quotients). With the SLL structure (``B = 2 A^T``, checked to 1e-6)
+        ``I - 2 A^T D A`` is symmetric with eigenvalues in ``[1 - 2 s^2, 1]`` for any ``s >= ||A||``, so
+        the bound is 1 when ``s <= 1`` and ``2 s^2 - 1`` otherwise; ``s^2`` is the rigorous Gershgorin
+        bound (:func:`gram_norm_bound`, size-independent) or, when that exceeds 1, the smaller of it
+        and the squared operator-norm upper bound at ``input_hw``. The structure's defect
+        ``B - 2 A^T`` (zero for a block folded from :class:`SLLConv2d`, whose ``conv2`` is exactly twice
+        the rounded ``conv1``) adds ``||B - 2 A^T|| s``. Without the structure: ``1 + ||B|| ||A||``.
         """
         hw = _need_hw(input_hw, self.input_hw, self)
-        w1 = self.conv1.weight.detach()
-        if self.has_sll_structure():
-            if gram_norm_bound(w1) <= (1.0 + 1e-4) ** 2:
-                return 1.0
-            s1 = conv_operator_norm(w1, hw, 1, int(self.conv1.padding[0]))
-            return 1.0 if s1 <= 1.0 + 1e-4 else max(1.0, 2.0 * s1 * s1 - 1.0)
-        s1 = conv_operator_norm(w1, hw, 1, int(self.conv1.padding[0]))
-        s2 = conv_operator_norm(self.conv2.weight, hw, 1, int(self.conv2.padding[0]))
-        return 1.0 + s1 * s2
+        w1, p1 = self.conv1.weight.detach(), int(self.conv1.padding[0])
+        if not self.has_sll_structure():
+            s2 = conv_operator_norm_upper(self.conv2.weight, hw, 1, int(self.conv2.padding[0]))
+            return (1.0 + s2 * conv_operator_norm_upper(w1, hw, 1, p1)) * (1.0 + 4 * U64)
+        sq = gram_norm_bound(w1)
+        if sq > 1.0:
+            sq = min(sq, conv_operator_norm_upper(w1, hw, 1, p1) ** 2 * (1.0 + 2 * U64))
+        bound = 1.0 if sq <= 1.0 else (2.0 * sq - 1.0) * (1.0 + 2 * U64)
+        defect = self.conv2.weight.detach().double() - 2.0 * w1.double().transpose(0, 1).flip(2, 3)
+        if bool(defect.any()):
+            d = conv_operator_norm_upper(defect, hw, 1, int(self.conv2.padding[0]))
+            bound = (bound + d * math.sqrt(sq)) * (1.0 + 4 * U64)
+        return bound
+
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and the block's Jacobian norm at a seeded random input (a lower estimate)."""
+        hw = _need_hw(input_hw, self.input_hw, self)
+        return NormEstimate(self.lipschitz_bound(hw), _jacobian_measured(self, self.conv1.in_channels, hw))
 
     def fold(self) -> "FoldedSLL":
         return self
@@ -308,6 +198,11 @@ class MaxPool(nn.MaxPool2d):
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
         return pool_lipschitz(int(self.kernel_size), int(self.stride))  # type: ignore[arg-type]
+
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and the exact constant at ``input_hw`` (:func:`pool_attained`)."""
+        k, s = int(self.kernel_size), int(self.stride)  # type: ignore[arg-type]
+        return NormEstimate(pool_lipschitz(k, s), pool_attained(k, s, _need_hw(input_hw, None, self), self.ceil_mode))
 
     def fold(self) -> "MaxPool":
         return MaxPool(int(self.kernel_size), int(self.stride), self.ceil_mode)  # type: ignore[arg-type]
@@ -343,6 +238,11 @@ class NormPool(nn.Module):
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
         return pool_lipschitz(self.kernel_size, self.stride)
 
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and the supremum at ``input_hw`` (:func:`pool_attained`: one large pixel, ``x -> inf``)."""
+        k, s = self.kernel_size, self.stride
+        return NormEstimate(pool_lipschitz(k, s), pool_attained(k, s, _need_hw(input_hw, None, self)))
+
     def fold(self) -> "NormPool":
         return NormPool(self.kernel_size, self.stride)
 
@@ -354,6 +254,26 @@ def pool_lipschitz(kernel_size: int, stride: int) -> float:
     """L2 Lipschitz bound of a square max-pool: ``ceil(k/s)`` (see :class:`MaxPool`)."""
     m = math.ceil(kernel_size / stride)
     return math.sqrt(m * m)
+
+
+def pool_attained(kernel_size: int, stride: int, input_hw: HW, ceil_mode: bool = False) -> float:
+    """The exact L2 Lipschitz constant of a square max-pool (no padding) on ``input_hw``: ``sqrt(c_h c_w)``.
+
+    ``c`` is the largest number of windows that cover one pixel, per dimension (``<= ceil(k/s)``).
+    The counting proof of :class:`MaxPool` gives ``<=``; one pixel raised by ``t`` from an all-zero
+    input, inside ``c_h c_w`` windows, moves each of their outputs by ``t``: ``=``.
+    """
+
+    def most(n: int) -> int:
+        num = n - kernel_size
+        outs = (-(-num // stride) if ceil_mode else num // stride) + 1
+        cover = [0] * n
+        for j in range(max(outs, 0)):
+            for i in range(j * stride, min(j * stride + kernel_size, n)):
+                cover[i] += 1
+        return max(cover, default=0)
+
+    return math.sqrt(most(int(input_hw[0])) * most(int(input_hw[1])))
 
 
 class ChannelPad(nn.Module):
@@ -378,6 +298,10 @@ class ChannelPad(nn.Module):
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
         return 1.0
 
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """Exact: ``(1, 1)``."""
+        return NormEstimate(1.0, 1.0)
+
     def fold(self) -> "ChannelPad":
         return ChannelPad(self.in_channels, self.out_channels)
 
@@ -390,6 +314,20 @@ def _need_hw(input_hw: Optional[HW], default: Optional[HW], module: nn.Module) -
     if hw is None:
         raise LipdetError(f"{type(module).__name__}: input size unknown; pass input_hw")
     return (int(hw[0]), int(hw[1]))
+
+
+JACOBIAN_ITERS: int = 8
+"""Power iterations of the ``measured`` Jacobian norm of nonlinear blocks (check column only)."""
+
+
+def _jacobian_measured(module: nn.Module, channels: int, input_hw: HW) -> float:
+    """``module``'s Jacobian norm at a seeded ``N(0, 1)`` input ``(1, channels, H, W)``: a lower estimate
+    of its Lipschitz constant (:func:`lipdet.models.opnorm.jacobian_norm`)."""
+    p = next(module.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((1, channels, *input_hw), generator=gen).to(device=p.device, dtype=p.dtype)
+    with _fp32_context(p):
+        return jacobian_norm(module, x, JACOBIAN_ITERS)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,19 +358,42 @@ class ConvBNAct(nn.Module):
         # In place: BatchNorm's backward needs its input, not its output; one memory pass less.
         return F.relu(x, inplace=True) if self.relu else x
 
-    def folded_weight_bias(self) -> tuple[Tensor, Tensor]:
-        """Kernel and bias of the conv with the BatchNorm (running statistics, i.e. eval mode) folded in."""
+    def folded_weight_bias(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """Kernel and bias of the conv with the BatchNorm (running statistics, i.e. eval mode) folded in.
+
+        In ``dtype`` (default: at least fp32, like the parameters).
+        """
+        def cast(x: Tensor) -> Tensor:
+            return _hi(x) if dtype is None else x.to(dtype)
+
         with torch.no_grad():
             bn = self.bn
-            scale = _hi(bn.weight) / torch.sqrt(_hi(bn.running_var) + bn.eps)
-            w = _hi(self.conv.weight) * scale[:, None, None, None]
-            b = (_hi(self.conv.bias) - _hi(bn.running_mean)) * scale + _hi(bn.bias)
+            scale = cast(bn.weight) / torch.sqrt(cast(bn.running_var) + bn.eps)
+            w = cast(self.conv.weight) * scale[:, None, None, None]
+            b = (cast(self.conv.bias) - cast(bn.running_mean)) * scale + cast(bn.bias)
         return w, b
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        """Operator norm of the BN-folded conv (eval mode semantics)."""
+        """Guaranteed upper bound of the BN-folded conv's operator norm (eval mode semantics).
+
+        The folded kernel is computed in float64: each entry within ``5u`` (relative) of the exact
+        ``w gamma / sqrt(var + eps)``, which moves the norm by at most ``5u sum_taps ||w_tap||_F``
+        (a tap is a shift times a channel matrix), added.
+        """
+        w64, slack = self._kernel64()
         hw = _need_hw(input_hw, self.input_hw, self)
-        return conv_operator_norm(self.folded_weight_bias()[0], hw)
+        return (conv_operator_norm_upper(w64, hw) + slack) * (1.0 + 2 * U64)
+
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and a lower estimate (Lanczos) of the BN-folded conv's operator norm."""
+        w64, slack = self._kernel64()
+        est = conv_norm_estimates(w64, _need_hw(input_hw, self.input_hw, self))
+        return NormEstimate((est.bound + slack) * (1.0 + 2 * U64), est.measured)
+
+    def _kernel64(self) -> tuple[Tensor, float]:
+        """The float64 folded kernel (CPU) and the rounding slack of its norm (:meth:`lipschitz_bound`)."""
+        w64 = self.folded_weight_bias(torch.float64)[0].cpu()
+        return w64, 5 * U64 * float(w64.flatten(0, 1).norm(dim=0).sum())
 
     def fold(self) -> FoldedConv:
         w, b = self.folded_weight_bias()
@@ -461,13 +422,19 @@ class NormConv2d(nn.Module):
     * ``spectral``: kernel divided by the operator norm of the actual convolution at ``input_hw``
       (zero padding, stride): the layer is 1-Lipschitz. Training runs ``train_iters`` power
       iterations per forward on a persistent buffer ``u`` ``(1, Cin, H, W)`` and divides by
-      ``||conv(u)||`` (differentiable, like ``torch`` spectral norm). Eval, :meth:`fold` and
-      :meth:`lipschitz_bound` iterate to convergence (restarted Lanczos from ``u``; cached while the
-      weight is unchanged).
+      ``||conv(u)||`` (differentiable, like ``torch`` spectral norm; an estimate from below). Eval
+      and :meth:`fold` divide by a guaranteed upper bound of the norm
+      (:func:`~lipdet.models.opnorm.conv_operator_norm_upper`, cached while the weight is unchanged),
+      so the evaluated and folded layers are 1-Lipschitz by construction (exactly 1 on maps small
+      enough for the dense path; within the circulant bound's slack, e.g. 2e-4 at 74x74, below 1 on
+      larger ones).
     * ``standard``: the plain kernel.
     * ``l2``: every output filter divided by its L2 norm (each output channel is then at most
-      ``k``-Lipschitz and the layer at most ``k sqrt(Cout)``; :meth:`lipschitz_bound` reports the
-      measured operator norm).
+      ``k``-Lipschitz and the layer at most ``k sqrt(Cout)``; :meth:`lipschitz_bound` reports a
+      guaranteed upper bound of the operator norm).
+
+    :meth:`lipschitz_bound` never trusts the normalisation: it bounds the operator norm of the
+    effective kernel (the one the layer and its fold apply) from above, at ``input_hw``.
 
     Optional output temperature ``tau`` (``temperature`` > 0, ``None`` = none): the layer computes
     ``tau * (conv(x, W_mode) + b)``, i.e. ``tau`` is part of the effective kernel and bias. The
@@ -514,7 +481,7 @@ class NormConv2d(nn.Module):
             self.log_temperature = nn.Parameter(torch.tensor(math.log(float(temperature))))
         elif temperature is not None:
             self._fixed_temperature = float(temperature)
-        self._sigma_cache: Optional[tuple[tuple[int, int, int], float]] = None
+        self._sigma_cache: Optional[tuple[tuple[int, int], float]] = None
 
     @property
     def kind(self) -> str:
@@ -562,15 +529,16 @@ class NormConv2d(nn.Module):
             self.u.copy_(u)
 
     def converged_sigma(self) -> float:
-        """Operator norm of the raw kernel, iterated to convergence from ``u`` (cached per weight version)."""
+        """A guaranteed upper bound of the raw kernel's operator norm at ``input_hw`` (cached per weight version).
+
+        Dividing by it makes the evaluated / folded spectral layer 1-Lipschitz by construction.
+        """
         w = self.weight
-        key = (w._version, w.data_ptr(), self.u._version)
+        key = (w._version, w.data_ptr())
         if self._sigma_cache is not None and self._sigma_cache[0] == key:
             return self._sigma_cache[1]
-        sigma, vec = conv_operator_norm_and_vector(w, self.input_hw, self.stride, self.padding, u0=self.u)
-        with torch.no_grad():
-            self.u.copy_(vec.to(self.u.dtype))
-        self._sigma_cache = ((w._version, w.data_ptr(), self.u._version), sigma)
+        sigma = conv_operator_norm_upper(w, self.input_hw, self.stride, self.padding)
+        self._sigma_cache = (key, sigma)
         return sigma
 
     def effective_weight(self, converge: Optional[bool] = None) -> Tensor:
@@ -613,11 +581,14 @@ class NormConv2d(nn.Module):
         return F.conv2d(x, w, b, stride=self.stride, padding=self.padding)
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        """Operator norm of the normalised convolution (times ``tau``), measured by power iteration (Lanczos) at ``input_hw``."""
+        """Guaranteed upper bound of the effective (normalised, times ``tau``) kernel's operator norm at ``input_hw``."""
         hw = _need_hw(input_hw, self.input_hw, self)
-        w = self.effective_weight(converge=True).detach()
-        u0 = self.u if self.mode == "spectral" and hw == self.input_hw else None
-        return conv_operator_norm_and_vector(w, hw, self.stride, self.padding, u0=u0)[0]
+        return conv_operator_norm_upper(self.effective_weight(converge=True).detach(), hw, self.stride, self.padding)
+
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and a lower estimate (Lanczos) of the effective kernel's operator norm."""
+        hw = _need_hw(input_hw, self.input_hw, self)
+        return conv_norm_estimates(self.effective_weight(converge=True).detach(), hw, self.stride, self.padding)
 
     def fold(self) -> FoldedConv:
         with torch.no_grad():
@@ -645,30 +616,7 @@ def _gram_abs_rowsum(weight: Tensor, q: Tensor) -> Tensor:
     ``(K * K)_{ij}`` is the ``(2k-1) x (2k-1)`` kernel of ``A A^T`` (``A = conv(., K)``) between
     inner channels ``i`` and ``j``. Returns ``(Ci,)``.
     """
-    k = weight.shape[-1]
-    gram = F.conv2d(weight, weight, padding=k - 1)  # (Ci, Ci, 2k-1, 2k-1)
-    return (gram.abs().sum(dim=(2, 3)) * q[None, :]).sum(dim=1) / q
-
-
-def gram_norm_bound(weight: Tensor, iters: int = 300) -> float:
-    """Cheap rigorous upper bound of ``||A||^2`` for ``A = conv(., weight)`` at any input size.
-
-    With ``M_ij = sum_{dx,dy} |(K * K)_ij|`` (``(Ci, Ci)``, non-negative), the weighted Gershgorin bound
-    ``max_i (M q)_i / q_i`` bounds ``||A A^T||`` for every ``q > 0`` (SLL's own argument); its minimum
-    over ``q`` is the Perron root of ``M``, approached here with ``q`` from power iteration on ``M``.
-    For a folded SLL kernel ``K' = t^-1/2 K`` the vector ``t^1/2 q_learned`` certifies a value <= 1, so
-    the Perron vector does too: this recovers the block's guarantee from its weights alone.
-    """
-    with _fp32_context(weight), torch.no_grad():
-        w = weight.detach().double()
-        k = w.shape[-1]
-        m = F.conv2d(w, w, padding=k - 1).abs().sum(dim=(2, 3))  # (Ci, Ci)
-        q = torch.ones(m.shape[0], dtype=torch.float64, device=w.device)
-        for _ in range(iters):
-            nq = m @ q
-            nq = nq / nq.max().clamp_min(1e-300)
-            q = nq.clamp_min(1e-12)
-        return float(((m @ q) / q).max())
+    return (gram_abs(weight) * q[None, :]).sum(dim=1) / q
 
 
 class SLLConv2d(nn.Module):
@@ -713,8 +661,23 @@ class SLLConv2d(nn.Module):
         return x - 2.0 * F.conv_transpose2d(z, self.weight, padding=self.padding)
 
     def lipschitz_bound(self, input_hw: Optional[HW] = None) -> float:
-        """1: ``diag(t) >= A A^T`` by construction (Gershgorin with weights ``q``)."""
-        return 1.0
+        """1 by construction (``diag(t) >= A A^T``, Gershgorin with weights ``q``), verified from the weights.
+
+        The block is ``x - 2 B^T relu(B x + t^-1/2 b)`` with ``B = t^-1/2 A`` for the ``t`` the forward
+        uses (fp32, ``eps`` = 1e-6 of slack over its rounding). Its bound is 1 when ``||B|| <= 1`` and
+        ``2 ||B||^2 - 1`` otherwise (:meth:`FoldedSLL.lipschitz_bound`); ``||B||^2`` is bounded by
+        :func:`gram_norm_bound` of ``t^-1/2 K`` formed in float64 (entries within ``3u``, hence the
+        factor ``1 + 8u``). Size-independent.
+        """
+        with torch.no_grad():
+            w = self.weight.detach().double() * self.t().detach().double().rsqrt()[:, None, None, None]
+        sq = gram_norm_bound(w) * (1.0 + 8 * U64)
+        return 1.0 if sq <= 1.0 else (2.0 * sq - 1.0) * (1.0 + 2 * U64)
+
+    def lipschitz_estimates(self, input_hw: Optional[HW] = None) -> NormEstimate:
+        """The bound and the block's Jacobian norm at a seeded random input (a lower estimate)."""
+        hw = _need_hw(input_hw, self.input_hw, self)
+        return NormEstimate(self.lipschitz_bound(hw), _jacobian_measured(self, self.channels, hw))
 
     def fold(self) -> FoldedSLL:
         """``Conv -> ReLU -> Conv -> Sub`` with ``t`` folded into the kernels.
