@@ -17,6 +17,7 @@ from lipdet.eval.certify import (
     certify_image,
     class_radius,
     detection_anchors,
+    head_rows,
     iou_lower_bound,
     iou_lower_bound_ball,
     iou_lower_bound_l2,
@@ -73,6 +74,35 @@ def test_certified_anchor_never_changes_class_under_pgd():
     assert torch.equal(logits1.argmax(-1)[watched], top[watched])
     moved = (loc1 - loc0).norm(dim=-1)
     assert bool((moved <= bounds.loc.float() * eps + 1e-5).all())
+
+
+def test_per_anchor_bounds_and_pairwise_radii_hold_under_pgd():
+    """The tight constants (head rows, class pairs) on a real folded model: larger radii, still unbroken by PGD."""
+    torch.manual_seed(1)
+    twin = fold_model(build_model("sll-spectral", width=0.25, input_size=S).eval())
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    hb = head_bounds(twin)
+    p_count, sizes = twin.priors.shape[0], twin.prior_spec.feature_sizes
+    whole = AnchorBounds.from_head_bounds(hb, p_count, sizes)
+    tight = AnchorBounds.from_head_bounds(hb, p_count, sizes, head_rows(twin))
+    assert bool((tight.cls <= whole.cls * (1 + 1e-9)).all()) and bool((tight.loc <= whole.loc * (1 + 1e-9)).all())
+    images = torch.rand(3, 3, S, S, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        loc0, logits0 = twin(images)
+    radius, top = tight.class_radius(logits0.reshape(-1, logits0.shape[-1]), torch.arange(p_count).repeat(3))
+    radius, top = radius.view(3, -1), top.view(3, -1)
+    old, _ = class_radius(logits0, whole.cls)
+    assert bool((radius >= old * (1 - 1e-9)).all()) and float((radius / old).median()) > 1.5
+    eps = float(radius.flatten().quantile(0.7))
+    watched = radius > eps
+    attack = MarginAttack(watched, top)
+    res = pgd_l2(twin, images, [{}] * 3, attack, eps, steps=25, restarts=2, seeds=[1, 2, 3])
+    with torch.no_grad():
+        loc1, logits1 = twin(res.adv)
+    assert float(res.loss.sum()) > float(attack.per_image(loc0, logits0, None).sum())
+    assert torch.equal(logits1.argmax(-1)[watched], top[watched])
+    assert bool(((loc1 - loc0).norm(dim=-1) <= tight.loc.float() * eps + 1e-5).all())
 
 
 def test_anchor_bounds_follow_the_prior_layout():
