@@ -241,6 +241,7 @@ def deploy(options: ServeOptions) -> str:
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # lipdet prints its own start line
     logging_config = LoggingConfig(enable_access_log=options.log_requests, log_level="WARNING")
     serve.start(http_options=HTTPOptions(host=options.host, port=options.port), logging_config=logging_config)
     actor = {"num_gpus": 1, "num_cpus": 0} if options.device == "cuda" else {"num_cpus": 1}

@@ -235,6 +235,19 @@ def test_eval_over_http_is_the_file_eval(server, exported, tiny_svhn):
     assert square.summary["blackbox"]["method"] == "square" and square.summary["backend"]["name"] == "http"
 
 
+def test_eval_cli_json_names_the_server(server, tiny_svhn, tmp_path, capsys):
+    from lipdet.cli import main
+
+    out = tmp_path / "served.json"
+    with pytest.raises(SystemExit) as info:
+        main(["eval", server, "--data", str(tiny_svhn), "--limit", "4", "--device", "cpu", "--no-progress",
+              "--json", str(out)])
+    assert info.value.code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["model"] == server and result["backend"]["name"] == "http" and result["backend"]["path"] == server
+    assert 0 <= result["clean"]["map_50"] <= 1
+
+
 def test_pgd_over_http_uses_the_served_twin_and_refuses_another(server, exported, tiny_svhn, tmp_path):
     from lipdet.errors import LipdetError
     from lipdet.eval.evaluate import EvalSettings, evaluate
