@@ -53,8 +53,8 @@ def ray_session(address: str | None = None, num_cpus: int = 1) -> Iterator[bool]
     try:
         if address:
             ray.init(address=address, **{k: v for k, v in _QUIET.items() if k != "include_dashboard"})
-        else:
-            ray.init(num_cpus=max(local_cores(), int(num_cpus)), **_QUIET)
+        else:  # "local": a new instance even when `ray start` runs on this machine (Ray would join that one)
+            ray.init(address="local", num_cpus=max(local_cores(), int(num_cpus)), **_QUIET)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         where = f"at {address}" if address else "locally"
         raise LipdetError(f"cannot start or join Ray {where}: {first_line(e)}") from None

@@ -64,6 +64,7 @@ def ray_cluster():
         os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
+            address="local",  # never a `ray start` cluster that another test or user runs on this machine
             num_cpus=RAY_NUM_CPUS,
             include_dashboard=False,
             log_to_driver=False,
