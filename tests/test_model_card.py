@@ -46,6 +46,11 @@ SIDECAR_KEYS = {"format", "version", "lipdet_version", "built_at", "tensorrt", "
                 "timing_cache", "parity"}
 
 
+def d_of(card: ModelCard) -> dict:
+    """The card's JSON object as written."""
+    return json.loads(card.to_json())
+
+
 def _fixture_card_text() -> str:
     model = onnx.load(str(FIXTURE), load_external_data=False)
     return next(p.value for p in model.metadata_props if p.key == CARD_KEY)
@@ -61,7 +66,7 @@ def folded():
 def full_card(folded) -> ModelCard:
     """A card with every field an export writes, plus per-layer bounds, a ``val`` split and a TensorRT note."""
     bounds = LipschitzBounds.from_heads(head_bounds(folded))
-    layers = tuple(LayerBound(name=r.name, norm=float(r.norm), cumulative=float(r.cumulative))
+    layers = tuple(LayerBound(name=r.name, norm=float(r.norm), cumulative=float(r.cumulative), measured=float(r.measured))
                    for r in layer_table(folded))
     return ModelCard.for_model(
         folded, precision="int8", int8_flavour="u8u8-asymmetric",
@@ -79,11 +84,16 @@ def full_card(folded) -> ModelCard:
 # ModelCard
 
 
-def test_card_round_trips_through_json(full_card):
+def test_card_round_trips_through_json(full_card, folded):
     back = ModelCard.from_json(full_card.to_json(), source="test")
     assert back == full_card
     assert back.to_json() == full_card.to_json()
     assert isinstance(back.lipschitz.per_scale[0], ScaleBound) and len(back.lipschitz.per_layer) > 0
+    # head_bounds' measured lower estimates travel beside every bound
+    heads = head_bounds(folded)
+    assert back.lipschitz.cls_measured == heads["cls_measured"] and back.lipschitz.cls_measured <= back.lipschitz.cls
+    assert back.lipschitz.per_scale[0].loc_measured == heads["per_scale"][0]["loc_measured"]
+    assert d_of(back)["lipschitz"]["per_scale"][0] == heads["per_scale"][0]
     assert back.data.val == {"seed": 0, "count": 400, "from": "train"}
     assert back.thresholds() == PostprocessConfig(0.25, 0.3, 10)
     d = json.loads(full_card.to_json())

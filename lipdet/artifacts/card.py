@@ -71,7 +71,8 @@ class ScaleBound:
     """Lipschitz bounds (L2, input pixels -> outputs) of one feature map's heads.
 
     ``trunk``: input -> tap; ``loc_head``/``cls_head``: the heads' own norms; ``loc``/``cls``:
-    their products, the per-anchor bounds used for certification.
+    their products, the per-anchor bounds used for certification (guaranteed upper bounds). Each
+    ``*_measured`` is the lower estimate of the same quantity (power iteration), when recorded.
     """
 
     feature_size: int
@@ -81,25 +82,36 @@ class ScaleBound:
     cls_head: float
     loc: float
     cls: float
+    trunk_measured: Optional[float] = None
+    loc_head_measured: Optional[float] = None
+    cls_head_measured: Optional[float] = None
+    loc_measured: Optional[float] = None
+    cls_measured: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class LayerBound:
-    """One layer's Lipschitz bound (``norm``) and the bound of input -> that layer (``cumulative``)."""
+    """One layer's Lipschitz bound (``norm``), the bound of input -> that layer (``cumulative``), and
+    their measured lower estimates when recorded."""
 
     name: str
     norm: float
     cumulative: float
+    measured: Optional[float] = None
+    cumulative_measured: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class LipschitzBounds:
-    """The card's ``lipschitz``: ``loc``/``cls`` (max over scales), per-scale rows, optional per-layer rows."""
+    """The card's ``lipschitz``: ``loc``/``cls`` (max over scales), per-scale rows, optional per-layer rows,
+    and the measured lower estimates of ``loc``/``cls`` when recorded."""
 
     loc: float
     cls: float
     per_scale: tuple[ScaleBound, ...]
     per_layer: tuple[LayerBound, ...] = ()
+    loc_measured: Optional[float] = None
+    cls_measured: Optional[float] = None
 
     @classmethod
     def from_heads(cls, heads: dict[str, Any]) -> "LipschitzBounds":
@@ -110,12 +122,16 @@ class LipschitzBounds:
     def read(cls, f: Fields) -> "LipschitzBounds":
         return cls(loc=f.get("loc", float), cls=f.get("cls", float),
                    per_scale=rows_from(ScaleBound, f.objects("per_scale")),
-                   per_layer=rows_from(LayerBound, f.objects("per_layer", default=[])))
+                   per_layer=rows_from(LayerBound, f.objects("per_layer", default=[])),
+                   loc_measured=f.get("loc_measured", float, None), cls_measured=f.get("cls_measured", float, None))
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON object; per-layer rows and measured values only when recorded (older cards have none)."""
         d: dict[str, Any] = {"loc": self.loc, "cls": self.cls, "per_scale": [row_to_dict(r) for r in self.per_scale]}
         if self.per_layer:
             d["per_layer"] = [row_to_dict(r) for r in self.per_layer]
+        d.update({k: v for k, v in (("loc_measured", self.loc_measured), ("cls_measured", self.cls_measured))
+                  if v is not None})
         return d
 
 
