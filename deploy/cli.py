@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from lipdet.artifacts import artifact_kind
 from lipdet.errors import LipdetError
 from lipdet.runs import latest_run, runs_root
+
+if TYPE_CHECKING:
+    from lipdet.deploy.serve import ServeOptions
 
 
 def resolve_served_model(spec: Optional[str]) -> Path:
@@ -71,7 +74,7 @@ def command(
       curl -s --data-binary @house.png http://127.0.0.1:8000/v1/detect
     """
     from lipdet.cluster import ray_session
-    from lipdet.deploy.serve import ServeOptions, check_port_free, deploy, open_backend
+    from lipdet.deploy.serve import ServeOptions, check_port_free, open_backend
 
     path = resolve_served_model(model)
     options = ServeOptions(model=path.resolve(), replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
@@ -82,7 +85,7 @@ def command(
         from ray import serve
 
         try:
-            deploy(options)
+            _deploy(options)
             typer.echo(options.start_line(backend))
             while True:
                 time.sleep(3600)
@@ -90,3 +93,15 @@ def command(
             typer.echo("lipdet serve: stopping", err=True)
         finally:
             serve.shutdown()
+
+
+def _deploy(options: "ServeOptions") -> None:
+    """:func:`lipdet.deploy.serve.deploy`, a deployment that cannot start (a replica failing on a node
+    without the file or a GPU, the port taken meanwhile) as one line."""
+    from lipdet.cluster import first_line
+    from lipdet.deploy.serve import deploy
+
+    try:
+        deploy(options)
+    except Exception as e:
+        raise LipdetError(f"the deployment did not start: {first_line(e)[:300]}") from None

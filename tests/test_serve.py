@@ -271,8 +271,12 @@ def test_pgd_over_http_uses_the_served_twin_and_refuses_another(server, exported
 def test_cli_refuses_before_ray_or_files(exported, tmp_path, fresh, capsys):
     """A port in use, a missing / corrupt / checkpoint model, no run, a bad option, and eval of a URL
     where nothing listens: one line, exit 2, no file written, Ray not started (test_refusals' tripwire)."""
+    import onnxruntime
+
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not a protobuf at all")
+    no_cuda = ([([str(exported), "--device", "cuda"], "CUDAExecutionProvider")]
+               if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() else [])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -281,7 +285,7 @@ def test_cli_refuses_before_ray_or_files(exported, tmp_path, fresh, capsys):
     assert line == f"error: port {port} on 127.0.0.1 is in use: choose another with --port"
     for argv, words in [([str(tmp_path / "missing.onnx")], "model not found"), ([str(corrupt)], "corrupt.onnx"),
                         ([str(exported.with_suffix(".pt"))], "lipdet export"), ([], "no training run"),
-                        ([str(exported), "--replicas", "0"], "--replicas")]:
+                        ([str(exported), "--replicas", "0"], "--replicas")] + no_cuda:
         assert words in _refused(["serve", *argv, "--port", str(free_port())], fresh, capsys)
     nobody = f"http://127.0.0.1:{free_port()}"
     assert "Connection refused" in _refused(["eval", nobody, "--no-progress"], fresh, capsys)
