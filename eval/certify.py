@@ -310,7 +310,7 @@ def pairwise_class_radius(logits: Tensor, pair: Tensor) -> tuple[Tensor, Tensor]
     top = z.argmax(dim=-1)
     margin = z.gather(-1, top.view(-1, 1)) - z  # (M, C), 0 at t
     lip = pair.double().gather(1, top.view(-1, 1, 1).expand(-1, 1, z.shape[-1])).squeeze(1)  # (M, C) row t
-    per = torch.where(lip > 0, margin / lip.clamp_min(1e-300), torch.where(margin > 0, math.inf, 0.0))
+    per = torch.where(lip > 0, margin / lip.clamp_min(1e-300) / ROUND_UP, torch.where(margin > 0, math.inf, 0.0))
     per = per.scatter(-1, top.view(-1, 1), math.inf)
     return per.amin(dim=-1), top
 
