@@ -11,7 +11,14 @@ augmentation. Images/s counts training steps only:
   order (:func:`plain_loops`); timed after ``--warmup`` steps.
 * Ray N: ``lipdet.train``'s real TorchTrainer and loop on N workers (cores // N threads each,
   per-worker batch = global / N, DDP over gloo); the loop's own images/s over every epoch but
-  the first (warm-up), validation excluded.
+  the first (warm-up), validation excluded; and the CPU utilisation over those epochs (validation
+  included), from ``/proc``: the whole machine's busy share (``/proc/stat``) and the Ray Train worker
+  processes' share of every core (``/proc/PID/stat``), with the share of the step time spent waiting
+  for data. The issue's target: > 90% on a 2-core machine with 2 workers. Other processes count in
+  the machine's share: the table prints the load average to say how idle the machine was.
+
+The first line of the output names the machine (:func:`lipdet.hardware.machine`): CPU model,
+instruction sets, cores, torch and ONNX Runtime versions. Figures are ratios measured side by side.
 
 Usage::
 
@@ -42,7 +49,9 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Ray starts each 1-CPU worker with OMP_NUM_THREADS=1 before the loop calls torch.set_num_threads;
@@ -54,6 +63,7 @@ import torch  # noqa: E402
 from lipdet.cluster import local_cores as cores  # noqa: E402
 from lipdet.cluster import ray_session  # noqa: E402
 from lipdet.data.dataset import detection_collate, resolve_data  # noqa: E402
+from lipdet.hardware import machine  # noqa: E402
 from lipdet.train.loop import load_split, load_train_state  # noqa: E402
 from lipdet.train.recipe import LoopConfig, Training, build_training  # noqa: E402
 from lipdet.train.trainer import RunPlan, build_trainer  # noqa: E402
@@ -163,9 +173,95 @@ def op_breakdown(args, ds, precisions: list[str], steps: int) -> dict[str, dict[
     return ms
 
 
-def ray_loop(args, root: Path, workers: int, precision: str) -> tuple[float, int]:
-    """Images/s of lipdet's Ray Train loop over every epoch but the first (from the history in
-    its last checkpoint) and the world size it reported."""
+RAY_WORKER = "ray::RayTrainWorker"
+"""How a Ray Train worker process names itself in ``/proc/PID/cmdline`` (Ray's process title)."""
+
+
+def _proc_stat() -> tuple[int, int]:
+    """``(busy, total)`` jiffies of the whole machine since boot (``/proc/stat``'s ``cpu`` line; idle and
+    iowait are not busy; guest time is inside user)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def _matching_jiffies(match: str) -> dict[int, int]:
+    """utime + stime jiffies (all threads) of every process whose ``/proc/PID/cmdline`` contains ``match``."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if match.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry.name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()  # fields after the (command name)
+            out[int(entry.name)] = int(rest[11]) + int(rest[12])  # utime, stime: fields 14 and 15
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+    return out
+
+
+@dataclass
+class CpuSampler:
+    """Samples ``/proc`` every ``period`` seconds in a thread: the machine's busy/total jiffies and the
+    jiffies of the processes whose command line contains ``match`` (the Ray Train workers by default).
+
+    :meth:`share` turns two samples into the machine's busy share and those processes' share of all
+    the machine's cores over a window (fractions in [0, 1]; 1 = every core busy the whole window).
+    """
+
+    match: str = RAY_WORKER
+    period: float = 0.25
+    samples: list[tuple[float, int, int, dict[int, int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), *_proc_stat(), _matching_jiffies(self.match)))
+            if self._stop.wait(self.period):
+                return
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def share(self, start: float, end: float) -> tuple[float, float]:
+        """``(machine busy, matched processes)`` shares between the first sample at or after ``start`` and
+        the last at or before ``end`` (unix seconds); NaN when the window holds fewer than two samples."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return float("nan"), float("nan")
+        (_, busy0, total0, procs0), (_, busy1, total1, procs1) = inside[0], inside[-1]
+        ticks = max(1, total1 - total0)
+        mine = sum(procs1[pid] - procs0[pid] for pid in procs1.keys() & procs0.keys())
+        return (busy1 - busy0) / ticks, mine / ticks
+
+
+@dataclass
+class RayRun:
+    """One Ray Train measurement over its timed epochs (all but the first): images/s, the world size
+    it reported, the machine's busy share and the Ray workers' share of every core (from ``/proc``,
+    training and validation included), and the share of the step time spent waiting for data."""
+
+    images_per_s: float
+    world: int
+    machine_busy: float
+    workers_busy: float
+    data_share: float
+
+
+def ray_loop(args, root: Path, workers: int, precision: str) -> RayRun:
+    """lipdet's Ray Train loop on ``workers`` workers, measured over every epoch but the first (from the
+    history in its last checkpoint, with the epochs' start and end times for the CPU window)."""
     with tempfile.TemporaryDirectory(prefix="lipdet-bench-") as tmp:
         loop = LoopConfig(
             arch=args.arch, width=args.width, data_root=str(root), synthetic=False, epochs=args.epochs,
@@ -174,12 +270,16 @@ def ray_loop(args, root: Path, workers: int, precision: str) -> tuple[float, int
         )
         plan = RunPlan(name=f"bench-{workers}-{precision}", storage_path=tmp, run_dir=Path(tmp), remote=False,
                        workers=workers, use_gpu=False, max_failures=0, loop=loop, data_root=root, resumed=False)
-        result = build_trainer(plan).fit()
+        with CpuSampler() as cpu:
+            result = build_trainer(plan).fit()
         with result.checkpoint.as_directory() as folder:
             history = load_train_state(folder)["history"]
         timed = history[1:] or history  # the first epoch is warm-up
+        seconds = sum(m["train_time_s"] for m in timed)
         images = sum(m["images_per_s"] * m["train_time_s"] for m in timed)
-        return images / sum(m["train_time_s"] for m in timed), int(result.metrics["world_size"])
+        busy, ray_busy = cpu.share(timed[0]["epoch_start_unix_s"], timed[-1]["epoch_end_unix_s"])
+        return RayRun(images / seconds, int(result.metrics["world_size"]), busy, ray_busy,
+                      sum(m["data_time_s"] for m in timed) / seconds)
 
 
 def parse_args() -> argparse.Namespace:
@@ -209,11 +309,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure(args, root: Path, ds, precisions: list[str]
-            ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[dict[str, float]]]]:
-    """Every round's images/s per ``(setup, precision)`` and the plain loop's ms per phase."""
+def measure(args, root: Path, ds, precisions: list[str]):
+    """Every round's images/s per ``(setup, precision)``, the plain loop's ms per phase and every
+    round's :class:`RayRun` per Ray ``(setup, precision)``."""
     samples: dict[tuple[str, str], list[float]] = {}  # (setup, precision) -> images/s of each round
     phase_runs: dict[str, list[dict[str, float]]] = {}
+    cpu_runs: dict[tuple[str, str], list[RayRun]] = {}
     for r in range(args.rounds):
         plain = plain_loops(args, ds, precisions)
         for precision in precisions:
@@ -223,12 +324,14 @@ def measure(args, root: Path, ds, precisions: list[str]
             print(f"  [{r + 1}/{args.rounds}] plain {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
         for precision in [] if args.plain_only else precisions:
             for workers in (1, 2):
-                ips, world = ray_loop(args, root, workers, precision)
-                assert world == workers
+                run = ray_loop(args, root, workers, precision)
+                assert run.world == workers
                 setup = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}"
-                samples.setdefault((setup, precision), []).append(ips)
-                print(f"  [{r + 1}/{args.rounds}] ray x{workers} {precision}: {ips:.1f} img/s", file=sys.stderr, flush=True)
-    return samples, phase_runs
+                samples.setdefault((setup, precision), []).append(run.images_per_s)
+                cpu_runs.setdefault((setup, precision), []).append(run)
+                print(f"  [{r + 1}/{args.rounds}] ray x{workers} {precision}: {run.images_per_s:.1f} img/s, "
+                      f"machine {run.machine_busy:.0%} busy, workers {run.workers_busy:.0%}", file=sys.stderr, flush=True)
+    return samples, phase_runs, cpu_runs
 
 
 def main() -> None:
@@ -236,6 +339,7 @@ def main() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray  # lazy: Ray is heavy / optional
 
+    print(machine().line(), flush=True)
     root, ds = dataset(args)
     c = cores()
     print(f"{args.arch} width {args.width}, {len(ds)} images/epoch, global batch {args.batch_size}, "
@@ -244,7 +348,7 @@ def main() -> None:
     with contextlib.nullcontext() if args.plain_only else ray_session(None, c):  # local Ray, c CPUs
         t_start = time.perf_counter()
         torch.set_num_threads(c)
-        samples, phase_runs = measure(args, root, ds, precisions)
+        samples, phase_runs, cpu_runs = measure(args, root, ds, precisions)
     rows = [(setup, p, statistics.median(v), v) for (setup, p), v in samples.items()]
     phases = {p: {k: statistics.fmean(ms[k] for ms in runs) for k in PHASES} for p, runs in phase_runs.items()}
     by_op = op_breakdown(args, ds, precisions, args.breakdown_steps) if args.breakdown_steps > 0 else {}
@@ -262,6 +366,8 @@ def main() -> None:
         spread = f" [{min(runs):.1f}-{max(runs):.1f}]" if len(runs) > 1 else ""
         print(f"| {name} | {p} | {ips:.1f}{spread} | {vs_plain:.2f}x | {vs_fp32:.2f}x |")
     print(f"\n({time.perf_counter() - t_start:.0f} s; {c} cores; threads: plain {c}, Ray {c}//workers per worker)")
+    if cpu_runs:
+        print_cpu(cpu_runs, _load_average())
     # Where a plain step's time goes: the phases that do not speed up with bf16 cap the ratio.
     print("\nPlain loop, ms per step:")
     print("| precision | " + " | ".join(PHASES) + " | total |")
@@ -275,6 +381,26 @@ def main() -> None:
                     f"{p} {phases['fp32'][p] / max(ms[p], 1e-9):.2f}x" for p in PHASES))
     if by_op:
         print_breakdown(by_op, args.breakdown_steps, args.target)
+
+
+def _load_average() -> str:
+    try:
+        return open("/proc/loadavg").read().split()[0]
+    except OSError:
+        return "unknown"
+
+
+def print_cpu(cpu_runs: dict[tuple[str, str], list[RayRun]], load: str) -> None:
+    """CPU utilisation of the Ray runs (medians over rounds): the issue's target is > 90% of a 2-core
+    machine during ``lipdet train --workers 2``. The machine share counts every process (other users
+    too: the load average says how busy the machine was); the workers' share counts Ray Train's own."""
+    print(f"\nCPU utilisation over the timed epochs, from /proc (training + validation; load average {load} "
+          "at the end):")
+    print("| setup | precision | machine busy | Ray workers (share of all cores) | data wait (share of step time) |")
+    print("|---|---|---:|---:|---:|")
+    for (setup, precision), runs in cpu_runs.items():
+        med = {k: statistics.median(getattr(r, k) for r in runs) for k in ("machine_busy", "workers_busy", "data_share")}
+        print(f"| {setup} | {precision} | {med['machine_busy']:.0%} | {med['workers_busy']:.0%} | {med['data_share']:.1%} |")
 
 
 def print_breakdown(by_op: dict[str, dict[str, float]], steps: int, target: float) -> None:

@@ -40,3 +40,46 @@ def test_plain_side_by_side_rounds_and_operator_table(tiny_svhn):
     assert float(table["convolution"].split("|")[2]) > 0
     assert any(line.startswith("convolutions alone: ") for line in lines)
     assert any(line.startswith("a 2.50x step ") for line in lines)
+
+
+def test_the_table_starts_with_the_machine(tiny_svhn):
+    from lipdet.hardware import machine
+
+    out = _run("--data", str(tiny_svhn), "--plain-only", "--width", "0.25", "--images", "8", "--batch-size", "8",
+               "--warmup", "0", "--steps", "1", "--breakdown-steps", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == machine().line(), out.stdout[:500]
+
+
+_SAMPLER = """
+import importlib.util, json, subprocess, sys, time
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+bench = sys.modules["bench"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+busy = subprocess.Popen([sys.executable, "-c", "import time\\nend = time.time() + 3\\nwhile time.time() < end: pass",
+                         "lipdet-busy-marker"])
+with bench.CpuSampler(match="lipdet-busy-marker", period=0.1) as cpu:
+    time.sleep(0.5)
+    start = time.time()
+    time.sleep(1.5)
+    end = time.time()
+busy.wait()
+print(json.dumps({"share": cpu.share(start, end), "empty": cpu.share(end + 10, end + 20)}))
+"""
+
+
+def test_cpu_sampler_measures_a_busy_process_from_proc():
+    """The sampler behind the utilisation table: a process spinning on one core for the whole window counts,
+    as at most one core's share (of os.cpu_count() cores: less when others share the machine), and the
+    machine is at least that busy."""
+    import json
+    import os
+
+    out = subprocess.run([sys.executable, "-c", _SAMPLER, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    machine_busy, spinner = res["share"]
+    cores = os.cpu_count() or 1
+    assert 0.0 < spinner <= 1.0 / cores + 0.05  # found and measured; one core at most (less on a loaded machine)
+    assert machine_busy >= spinner - 0.01
+    assert all(v != v for v in res["empty"])  # NaN: no samples in a window after the sampling stopped

@@ -476,3 +476,71 @@ def test_precision_waits_for_the_cluster_when_the_device_does(tiny_svhn, tmp_pat
     monkeypatch.setattr(trainer, "check_resources", lambda workers, use_gpu: None)
     assert trainer._settle_devices(plan) is True
     assert plan.use_gpu is False and plan.loop.precision == plan.precision.precision in ("fp32", "bf16")
+
+
+# ------------------------------------------------------------------------------------------
+# validation sharded over the workers: the same detections and map_50 as one worker
+# ------------------------------------------------------------------------------------------
+
+_SHARD_RANK = """
+import json, os, sys
+import torch, torch.distributed as dist
+from lipdet.models import build_model
+from lipdet.train.loop import LoopConfig, evaluate, load_split, validation_detections
+
+cfg = LoopConfig.from_dict(json.loads(sys.argv[1]))
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+model = build_model(cfg.arch, width=cfg.width)
+model.load_state_dict(torch.load(sys.argv[2], weights_only=True))
+ds, cpu = load_split(cfg, "val"), torch.device("cpu")
+preds = validation_detections(model, ds, cfg, cpu, model.priors, rank, world, cfg.batch_size // world)
+val = evaluate(model, ds, cfg, cpu, model.priors, rank, world, cfg.batch_size // world)
+if rank == 0:
+    torch.save({"preds": preds, "val": val}, sys.argv[3])
+dist.destroy_process_group()
+"""
+
+
+def test_validation_sharded_over_two_workers_equals_one_worker(tiny_svhn, tmp_path):
+    """Two gloo ranks each predict their half of the validation images; rank 0 gathers them and gets the
+    detections and the map_50 of one worker, image for image."""
+    from lipdet.data import detection_collate
+    from lipdet.data.split import ValSplit
+    from lipdet.loss import MultiBoxLoss
+    from lipdet.models import build_model
+    from lipdet.train.loop import evaluate, load_split, validation_detections
+
+    cfg = LoopConfig(arch="naive", width=0.25, data_root=str(tiny_svhn.resolve()), synthetic=False, batch_size=32,
+                     val_split=ValSplit(count=15).to_dict())  # odd: the ranks' slices differ in size
+    val_ds = load_split(cfg, "val")
+    torch.manual_seed(0)
+    model = build_model("naive", width=0.25)
+    x, t = detection_collate([val_ds[i] for i in range(len(val_ds))])
+    crit, opt = MultiBoxLoss(model.priors, cfg.input_size), torch.optim.Adam(model.parameters(), 5e-3)
+    for _ in range(40):  # over-fitted on these images: real detections to compare, not an empty list
+        opt.zero_grad()
+        crit(*model(x), t)["loss"].backward()
+        opt.step()
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    one = validation_detections(model, val_ds, cfg, torch.device("cpu"), model.priors, 0, 1, cfg.batch_size)
+    val_one = evaluate(model, val_ds, cfg, torch.device("cpu"), model.priors, 0, 1, cfg.batch_size)
+    assert val_one["map_50"] > 0 and sum(len(d["scores"]) for _, d, _ in one) > 0
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_unused_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARD_RANK, json.dumps(cfg.to_dict()), str(tmp_path / "weights.pt"),
+                               str(tmp_path / "rank0.pt")], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+    two = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert two["val"] == val_one
+    assert [i for i, _, _ in two["preds"]] == [i for i, _, _ in one] == list(range(15))
+    for (_, d2, t2), (_, d1, t1) in zip(two["preds"], one):
+        assert torch.equal(t2["boxes"], t1["boxes"]) and torch.equal(t2["labels"], t1["labels"])
+        assert torch.equal(d2["labels"], d1["labels"])
+        torch.testing.assert_close(d2["boxes"], d1["boxes"], rtol=0, atol=1e-4)  # batch of 8 vs 15: same image maths
+        torch.testing.assert_close(d2["scores"], d1["scores"], rtol=0, atol=1e-6)

@@ -80,10 +80,13 @@ class ProgressSink:
 
 
 def make_progress_sink():
-    """A :class:`ProgressSink` actor handle (requires Ray to be initialised)."""
+    """A :class:`ProgressSink` actor handle (requires Ray to be initialised), on the driver's node:
+    on a cluster, losing another node must not lose the progress channel with it."""
     import ray  # lazy: Ray is heavy / optional
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(ProgressSink).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=0)(ProgressSink).options(scheduling_strategy=here).remote()
 
 
 class _Emitter:
@@ -317,11 +320,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         _maybe_fault(cfg.fault, epoch, worker.rank)
+        started = time.time()
         train = train_epoch(worker, epoch)
         t_val = time.perf_counter()
         val = evaluate(worker.training.raw, worker.val_ds, cfg, worker.device, worker.training.priors,
                        worker.rank, worker.world, worker.per_worker, cfg.memory_format)
         metrics = epoch_metrics(worker, epoch, train, val, time.perf_counter() - t_val, resumed_from)
+        metrics.update(epoch_start_unix_s=started, epoch_end_unix_s=time.time())  # benchmarks' CPU window
         history.append(metrics)
         worker.emit("epoch", **metrics)
         report_epoch(worker, epoch, metrics, history)
@@ -338,6 +343,8 @@ def setup_worker(cfg: LoopConfig, progress_sink: Any = None) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.threads or default_threads(max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # settable once, before any inter-op work (a restarted actor: done)
+        torch.set_num_interop_threads(threads)
     device = ray.train.torch.get_device()
     train_all, val_all = load_parts(cfg)
     train_ds, val_ds = first(train_all, cfg.train_limit), first(val_all, cfg.val_limit)
@@ -375,24 +382,27 @@ def train_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     """Train one epoch (1-based ``epoch``) on this rank's shard; rank 0 emits step progress.
 
     Returns the group's ``loss``, ``loc``, ``cls`` (means over every rank's batches),
-    ``images_per_s`` (all ranks' images over the slowest rank's time) and ``train_time_s``.
+    ``images_per_s`` (all ranks' images over the slowest rank's time), ``train_time_s`` and
+    ``data_time_s`` (the ranks' mean time waiting for batches and augmenting them: what the step
+    never overlaps with, so a data loader that starves the step shows here).
     """
     cfg, steps = worker.cfg, worker.steps_per_epoch
     worker.sampler.set_epoch(epoch)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + worker.rank)
     worker.training.model.train()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, loc, cls, batches, images
-    t0 = last_emit = time.perf_counter()
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, loc, cls, batches, images, data seconds
+    t0 = last_emit = t_data = time.perf_counter()
     for step, (images, targets) in enumerate(worker.loader, start=1):
         if cfg.augment:
             images, targets = augment_batch(images, targets, aug_gen)
+        data_s = time.perf_counter() - t_data
         losses = worker.training.step(images, targets, (epoch - 1) * steps + step - 1)
         sums += torch.tensor(
             [float(losses["loss"].detach()), float(losses["loc"].detach()), float(losses["cls"].detach()),
-             1.0, float(images.shape[0])],
+             1.0, float(images.shape[0]), data_s],
             dtype=torch.float64,
         )
-        now = time.perf_counter()
+        now = t_data = time.perf_counter()
         if now - last_emit >= cfg.progress_every_s or step == steps:
             last_emit = now
             worker.emit("step", epoch=epoch, step=step, steps=steps, loss=float(sums[0] / sums[3]),
@@ -400,11 +410,12 @@ def train_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     sums, train_time = _reduce_over_ranks(sums, time.perf_counter() - t0, worker.world, worker.device)
     nb = max(1.0, float(sums[3]))
     return {"loss": float(sums[0]) / nb, "loc": float(sums[1]) / nb, "cls": float(sums[2]) / nb,
-            "images_per_s": float(sums[4]) / max(train_time, 1e-9), "train_time_s": train_time}
+            "images_per_s": float(sums[4]) / max(train_time, 1e-9), "train_time_s": train_time,
+            "data_time_s": float(sums[5]) / worker.world}
 
 
 def _reduce_over_ranks(sums: Tensor, train_time: float, world: int, device: torch.device) -> tuple[Tensor, float]:
-    """The group's sum of every rank's ``sums`` ``(5,)`` float64 and the slowest rank's ``train_time`` (s)."""
+    """The group's sum of every rank's ``sums`` ``(6,)`` float64 and the slowest rank's ``train_time`` (s)."""
     if world > 1:
         reduced = sums.to(device=device, dtype=torch.float64)
         dist.all_reduce(reduced)
@@ -430,8 +441,10 @@ def epoch_metrics(worker: Worker, epoch: int, train: dict[str, float], val: dict
         "validation": worker.validation,
         "images_per_s": train["images_per_s"],
         "train_time_s": train["train_time_s"],
+        "data_time_s": train["data_time_s"],
         "val_time_s": val_time,
         "world_size": worker.world,
+        "workers": worker.world,  # the workers that trained this epoch (an elastic run's count changes)
         "threads_per_worker": worker.threads,
         "resumed_from": resumed_from,
         "precision": worker.cfg.precision,
@@ -499,6 +512,34 @@ def _gather_on_rank0(preds: list[Any], rank: int, world: int) -> list[Any] | Non
 
 
 @torch.no_grad()
+def validation_detections(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    cfg: LoopConfig,
+    device: torch.device,
+    priors: Tensor,
+    rank: int = 0,
+    world: int = 1,
+    batch_size: int = 64,
+    mem_format: torch.memory_format = torch.contiguous_format,
+) -> list[tuple[int, dict[str, Tensor], dict[str, Tensor]]] | None:
+    """``(index, detections, target)`` of every image of ``dataset``, in index order, on rank 0 (None elsewhere).
+
+    Every rank predicts its slice (images ``rank, rank + world, ...``: all cores work) in batches of
+    ``max(16, batch_size)``; the forward runs on ``device`` under the config's autocast, the
+    post-processing on the CPU (:func:`lipdet.metrics.detections_of`: boxes in pixels), and rank 0
+    gathers the slices over the process group.
+    """
+    was_training = model.training
+    model.eval()
+    mine = list(range(rank, len(dataset), world))
+    run = _runner(model, device, cfg.autocast_dtype, mem_format)
+    pairs = list(detections_of(run, _batches(dataset, mine, max(16, batch_size)), priors, cfg.input_size))
+    model.train(was_training)
+    preds = _gather_on_rank0([(i, det, target) for i, (det, target) in zip(mine, pairs)], rank, world)
+    return None if preds is None else sorted(preds, key=lambda x: x[0])
+
+
 def evaluate(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -510,22 +551,15 @@ def evaluate(
     batch_size: int = 64,
     mem_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
-    """map_50/map of ``model`` on ``dataset``; every rank predicts a slice, rank 0 computes.
+    """map_50/map of ``model`` on ``dataset``: the ranks share the forward
+    (:func:`validation_detections`), rank 0 computes the metric once.
 
-    ``priors`` ``(P, 4)`` normalised ``(cx, cy, w, h)``; the forward runs on ``device`` under the
-    config's autocast, post-processing on the CPU (:func:`lipdet.metrics.detections_of`). Returns
-    the metrics (in [0, 1]) on rank 0 and zeros elsewhere (only rank 0's report is kept by Ray).
+    ``priors`` ``(P, 4)`` normalised ``(cx, cy, w, h)``. Returns the metrics (in [0, 1]) on rank 0
+    and zeros elsewhere (only rank 0's report is kept by Ray); they do not depend on ``world``.
     """
-    was_training = model.training
-    model.eval()
-    mine = list(range(rank, len(dataset), world))
-    run = _runner(model, device, cfg.autocast_dtype, mem_format)
-    pairs = list(detections_of(run, _batches(dataset, mine, max(16, batch_size)), priors, cfg.input_size))
-    model.train(was_training)
-    preds = _gather_on_rank0([(i, det, target) for i, (det, target) in zip(mine, pairs)], rank, world)
+    preds = validation_detections(model, dataset, cfg, device, priors, rank, world, batch_size, mem_format)
     if preds is None:
         return {"map_50": 0.0, "map": 0.0}
-    preds.sort(key=lambda x: x[0])
     metric = DetectionMAP()  # computes locally: the other ranks are already waiting in report()
     if preds:
         metric.update([p[1] for p in preds], [p[2] for p in preds])
@@ -564,5 +598,6 @@ __all__: list[str] = [
     "save_train_state",
     "train_loop_per_worker",
     "train_margin",
+    "validation_detections",
     "validation_record",
 ]
