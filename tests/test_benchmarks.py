@@ -83,3 +83,31 @@ def test_cpu_sampler_measures_a_busy_process_from_proc():
     assert 0.0 < spinner <= 1.0 / cores + 0.05  # found and measured; one core at most (less on a loaded machine)
     assert machine_busy >= spinner - 0.01
     assert all(v != v for v in res["empty"])  # NaN: no samples in a window after the sampling stopped
+
+
+BOUNDS = Path(__file__).resolve().parents[1] / "benchmarks" / "bounds.py"
+
+
+def test_bounds_benchmark_times_every_bound_of_one_arch():
+    """benchmarks/bounds.py on a tiny naive model: machine line first, one row per form, the folded model's
+    certificate bounds equal to the parametrised one's, and every bound above its measured value."""
+    out = subprocess.run([sys.executable, str(BOUNDS), "--archs", "naive", "--width", "0.125", "--input-size", "34",
+                          "--threads", "1", "--target", "60"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "torch" in lines[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| naive")]
+    assert [r[1] for r in rows] == ["random init", "folded"]
+    (loc_a, cls_a), (loc_b, cls_b) = ((float(r[4]), float(r[5])) for r in rows)
+    assert loc_a == pytest.approx(loc_b, rel=1e-4) and cls_a == pytest.approx(cls_b, rel=1e-4)
+    assert loc_a > 1.0 and cls_a > 1.0  # an unconstrained model
+    for r in rows:
+        assert 0 < float(r[2]) < 60 and float(r[3]) >= 0
+        lo, hi = (float(v) for v in r[6].split(" - "))
+        assert 1.0 <= lo <= hi < 1.1
+    assert lines[-1].endswith("-> met")
+
+
+def test_bounds_benchmark_rejects_bad_options():
+    out = subprocess.run([sys.executable, str(BOUNDS), "--width", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith("--width must be > 0")

@@ -204,3 +204,69 @@ def test_bad_mode_rejected():
 def test_folded_sll_needs_input_size():
     with pytest.raises(LipdetError):
         FoldedSLL(2, 2).lipschitz_bound()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sll_block_resists_adversarial_weights(seed):
+    """Extreme q spreads, large biases and weights: the parametrised block still reports 1 (verified
+    from its float64 weights), its fold too, and gradient attacks on both measure <= 1."""
+    torch.manual_seed(seed)
+    block = SLLConv2d(4, 6, kernel_size=3, input_hw=(7, 7))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        block.q_param.copy_(4.0 * torch.randn(6, generator=g))
+        block.bias.copy_(2.0 * torch.randn(6, generator=g))
+        block.weight.mul_(30.0)
+    x = torch.randn(1, 4, 7, 7, generator=g)
+    for module in (block, block.fold()):
+        est = module.lipschitz_estimates()
+        assert est.bound == 1.0 == module.lipschitz_bound()
+        assert 0 < est.measured <= 1.0 + 1e-6
+        assert _holds(1.0, empirical_lipschitz(module, x, seed=seed))
+
+
+def test_folded_sll_with_conv1_scaled_by_1_01_is_bounded_above_1():
+    """No slack: a folded block whose conv1 has norm exactly 1.01 gets 2 * 1.01^2 - 1 (structure kept),
+    and scaling conv1 alone (structure broken) gets the triangle bound; both hold when attacked."""
+    torch.manual_seed(0)
+    folded = SLLConv2d(3, 4, input_hw=(5, 5)).fold()
+    exact = float(torch.linalg.matrix_norm(_dense_matrix(folded.conv1.weight, (5, 5), 1), 2))
+    with torch.no_grad():
+        folded.conv1.weight.mul_(1.01 / exact)
+        folded.conv2.weight.mul_(1.01 / exact)
+    assert folded.has_sll_structure()
+    bound = folded.lipschitz_bound()
+    assert 2 * 1.01**2 - 1 <= bound <= (2 * 1.01**2 - 1) * (1 + 1e-6)
+    x = torch.randn(1, 3, 5, 5)
+    assert _holds(bound, empirical_lipschitz(folded, x))
+    with torch.no_grad():
+        folded.conv1.weight.mul_(1.01)
+    assert not folded.has_sll_structure() and folded.lipschitz_bound() > 2.0
+    # at norm exactly 1 (up to float rounding) the bound is 1 or a hair above: never below the truth
+    unit = SLLConv2d(3, 4, input_hw=(5, 5)).fold()
+    s = float(torch.linalg.matrix_norm(_dense_matrix(unit.conv1.weight, (5, 5), 1), 2))
+    with torch.no_grad():
+        unit.conv1.weight.div_(s)
+        unit.conv2.weight.div_(s)
+    assert 1.0 <= unit.lipschitz_bound() <= 1.0 + 1e-6
+
+
+def _dense_matrix(weight: torch.Tensor, hw: tuple[int, int], padding: int) -> torch.Tensor:
+    """The conv's explicit matrix ``(Cout Ho Wo, Cin H W)``, built from basis vectors."""
+    w = weight.detach().double()
+    n = w.shape[1] * hw[0] * hw[1]
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, w.shape[1], *hw)
+    return torch.nn.functional.conv2d(basis, w, padding=padding).reshape(n, -1).T
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conv_bn_bound_is_above_the_exact_folded_norm(seed):
+    torch.manual_seed(seed)
+    layer = ConvBNAct(3, 5, (6, 6))
+    with torch.no_grad():
+        layer.bn.running_var.uniform_(0.01, 2.0)
+        layer.bn.weight.normal_(std=3.0)
+    layer.eval()
+    exact = float(torch.linalg.matrix_norm(_dense_matrix(layer.folded_weight_bias(torch.float64)[0], (6, 6), 1), 2))
+    est = layer.lipschitz_estimates()
+    assert est.measured <= exact <= est.bound <= exact * (1 + 1e-9)

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lipdet.models import build_model, fold_model
+from lipdet.errors import LipdetError
+from lipdet.models import build_model, fold_model, opnorm
 from lipdet.models.layers import NormConv2d
 from lipdet.models.lipschitz import (
     LayerBound,
@@ -28,9 +29,14 @@ TOL = 1e-4
 
 def dense_conv_norm(weight: torch.Tensor, hw: int, stride: int, padding: int) -> float:
     """Largest singular value of the conv's explicit matrix, built column by column from basis vectors."""
+    return dense_conv_norm_hw(weight, (hw, hw), stride, padding)
+
+
+def dense_conv_norm_hw(weight: torch.Tensor, hw: tuple[int, int], stride: int, padding: int) -> float:
+    """:func:`dense_conv_norm` on an ``(H, W)`` input."""
     w = weight.detach().double()
-    n = w.shape[1] * hw * hw
-    basis = torch.eye(n, dtype=torch.float64).reshape(n, w.shape[1], hw, hw)
+    n = w.shape[1] * hw[0] * hw[1]
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, w.shape[1], *hw)
     cols = F.conv2d(basis, w, stride=stride, padding=padding).reshape(n, -1)  # row i = A e_i
     return float(torch.linalg.matrix_norm(cols.T, ord=2))
 
@@ -244,8 +250,82 @@ def test_cli_writes_table_png_and_json(tmp_path):
     res = CliRunner().invoke(app, ["lipschitz", str(ckpt), "--out", str(tmp_path / "lip")])
     assert res.exit_code == 0, res.output
     assert "fire1" in res.output and "global bound" in res.output
+    assert "measured" in res.output and "ratio" in res.output
     report = json.loads((tmp_path / "lip" / "lipschitz.json").read_text())
     assert report["heads"]["cls"] == pytest.approx(head_bounds(model)["cls"], rel=1e-4)
     assert (tmp_path / "lip" / "lipschitz.png").stat().st_size > 1000
     help_text = CliRunner().invoke(app, ["lipschitz", "--help"]).output
     assert "Example" in help_text
+
+
+# --------------------------------------------------------------------------------------------
+# Guaranteed upper bounds (lipdet.models.opnorm) against dense SVDs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def circulant_only(monkeypatch):
+    """Send every operator through the circulant embedding (the dense path would be exact)."""
+    monkeypatch.setattr(opnorm, "DENSE_MAX", 0)
+
+
+@given(cin=st.integers(1, 4), cout=st.integers(1, 5), k=st.sampled_from([1, 3]), h=st.integers(2, 9),
+       w=st.integers(2, 9), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]), seed=st.integers(0, 10_000))
+@settings(max_examples=24, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_upper_bound_holds_against_dense_svd(circulant_only, cin, cout, k, h, w, stride, pad, seed):
+    """Circulant bound >= the exact norm (dense SVD of the materialised operator), for every geometry;
+    the Lanczos estimate and the measured value stay below it."""
+    assume(min(h, w) + 2 * pad >= k)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(cout, cin, k, k, generator=g)
+    exact = dense_conv_norm_hw(weight, (h, w), stride, pad)
+    upper = opnorm.conv_operator_norm_upper(weight, (h, w), stride, pad)
+    assert upper >= exact
+    assert conv_operator_norm(weight, (h, w), stride, pad) <= exact * (1 + 1e-12)
+    est = opnorm.conv_norm_estimates(weight, (h, w), stride, pad)
+    assert est.bound == upper and est.measured <= exact * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("stride,pad,k", [(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 0, 1), (1, 1, 1)])
+def test_dense_path_is_exact_to_the_margin(stride, pad, k):
+    g = torch.Generator().manual_seed(stride * 10 + pad)
+    weight = torch.randn(5, 3, k, k, generator=g)
+    exact = dense_conv_norm_hw(weight, (7, 6), stride, pad)
+    est = opnorm.conv_norm_estimates(weight, (7, 6), stride, pad)
+    assert est.measured <= exact <= est.bound <= exact * (1 + 1e-9)  # both ends guaranteed, margin ~1e-12
+
+
+# Ratios bound / converged Lanczos seen on random 3x3 kernels (Lanczos <= exact <= bound):
+# 74x74: 1.0002, 37x37: 1.001, 18x18: 1.003, 9x9: 1.01-1.02 (min over the half-shifted grids).
+@pytest.mark.parametrize("cin,cout,hw,within", [(3, 8, 74, 1.0006), (8, 8, 37, 1.003), (16, 16, 18, 1.01),
+                                                (16, 24, 9, 1.03)])
+def test_circulant_bound_is_tight_for_same_convs(circulant_only, cin, cout, hw, within):
+    g = torch.Generator().manual_seed(hw)
+    weight = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5
+    lower = conv_operator_norm(weight, (hw, hw), 1, 1)
+    upper = opnorm.conv_operator_norm_upper(weight, (hw, hw), 1, 1)
+    assert lower <= upper <= lower * within, upper / lower
+
+
+def test_rounding_margin_is_tiny_and_zero_kernel_is_zero():
+    weight = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    hi, lo = opnorm._gram_interval(2.0, r=128, m=128)
+    assert 1.0 < hi / lo < 1.0 + 1e-9
+    assert opnorm.conv_operator_norm_upper(torch.zeros(2, 3, 3, 3), (9, 9)) == 0.0
+    with pytest.raises(LipdetError):
+        opnorm.conv_operator_norm_upper(weight, (1, 1), 1, 0)  # a 3x3 kernel does not fit a 1x1 input
+
+
+def test_head_bounds_carry_measured_values_below_the_bounds():
+    torch.manual_seed(3)
+    model = build_model("naive", width=0.125, input_size=34).eval()
+    table = layer_table(model)
+    heads = head_bounds(model, table)
+    for r in table:
+        assert 0 < r.measured <= r.norm and r.ratio >= 1
+        assert r.to_dict()["ratio"] == r.ratio and LayerBound.from_dict(r.to_dict()) == r
+    for p in heads["per_scale"]:
+        for key in ("trunk", "loc_head", "cls_head", "loc", "cls"):
+            assert 0 < p[f"{key}_measured"] <= p[key], key
+    assert heads["cls_measured"] <= heads["cls"] and heads["loc_measured"] <= heads["loc"]
+    assert LayerBound.from_dict({"name": "a", "kind": "conv", "norm": 2.0, "cumulative": 2.0}).ratio is None

@@ -164,7 +164,7 @@ class FoldedSLL(nn.Module):
             return (1.0 + s2 * conv_operator_norm_upper(w1, hw, 1, p1)) * (1.0 + 4 * U64)
         sq = gram_norm_bound(w1)
         if sq > 1.0:
-            sq = min(sq, conv_operator_norm_upper(w1, hw, 1, p1) ** 2 * (1.0 + 2 * U64))
+            sq = min(sq, conv_operator_norm_upper(w1, hw, 1, p1, enough=1.0 - 4 * U64) ** 2 * (1.0 + 2 * U64))
         bound = 1.0 if sq <= 1.0 else (2.0 * sq - 1.0) * (1.0 + 2 * U64)
         defect = self.conv2.weight.detach().double() - 2.0 * w1.double().transpose(0, 1).flip(2, 3)
         if bool(defect.any()):

@@ -30,6 +30,7 @@ from lipdet.models.opnorm import U64, NormEstimate, conv_norm_estimates, conv_op
 __all__ = [
     "LayerBound",
     "NormEstimate",
+    "bound_ratio",
     "conv_operator_norm",
     "empirical_lipschitz",
     "head_bounds",
@@ -62,7 +63,7 @@ class LayerBound:
     @property
     def ratio(self) -> Optional[float]:
         """``norm / measured`` (>= 1 up to rounding; 1 when both are 0; None when only ``measured`` is 0)."""
-        return _ratio(self.norm, self.measured)
+        return bound_ratio(self.norm, self.measured)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio}
@@ -73,7 +74,8 @@ class LayerBound:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def _ratio(bound: float, measured: float) -> Optional[float]:
+def bound_ratio(bound: float, measured: float) -> Optional[float]:
+    """``bound / measured`` (1 when both are 0; None when only ``measured`` is 0)."""
     if measured > 0:
         return bound / measured
     return 1.0 if bound == 0 else None
