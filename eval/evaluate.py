@@ -42,14 +42,8 @@ from lipdet.eval.attacks import (
     ENSEMBLE, SELECTION_RULE, AttackLoss, attack_losses, image_harm, image_seed, pgd_l2, scoring_loss, square_l2,
     worst_per_image,
 )
-from lipdet.eval.certify import (
-    CERTIFIED_DEFINITION,
-    AnchorBounds,
-    binding_summary,
-    certified_share,
-    certify_image,
-    head_rows,
-)
+from lipdet.certificates import AnchorBounds
+from lipdet.eval.certify import CERTIFIED_DEFINITION, binding_summary, certified_share, certify_image
 from lipdet.metrics import DetectionMAP
 from lipdet.parity import agreement, max_abs_per_image
 from lipdet.postprocess import PostprocessConfig, postprocess
@@ -388,9 +382,8 @@ class Evaluator:
                 self.bounds = head_bounds(self.twin, self.table)
             card = getattr(self.backend, "card", None) or getattr(self.twin, "card", None)
             fs = card.priors.feature_sizes if card is not None else None
-            # per-anchor head rows (tighter than the whole head convolution): see lipdet.eval.certify
-            self.anchor_bounds = AnchorBounds.from_head_bounds(self.bounds, self.priors.shape[0], fs,
-                                                               head_rows(self.twin))
+            # per-anchor head rows (tighter than the whole head convolution): see lipdet.certificates
+            self.anchor_bounds = AnchorBounds.of_model(self.twin, self.priors.shape[0], fs, self.bounds)
 
     # -- pieces ---------------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ import torch
 
 from lipdet.artifacts import save_checkpoint
 from lipdet.data.dataset import resolve_data
-from lipdet.eval.certify import AnchorBounds, certified_share, certify_image
+from lipdet.certificates import AnchorBounds
+from lipdet.eval.certify import certified_share, certify_image
 from lipdet.models.lipschitz import head_bounds
 from lipdet.postprocess import postprocess
 from lipdet.train.loop import augment_batch, evaluate, load_split, validation_record

@@ -13,10 +13,9 @@ import torch
 from torchvision.ops import box_iou
 
 from lipdet.boxes import cxcywh_to_xyxy, decode, encode, flatten_head_outputs
-from lipdet.eval.certify import (
+from lipdet.certificates import (
     AnchorBounds,
     HeadRows,
-    binding_summary,
     box_radius,
     class_radius,
     conv_anchor_rows,
@@ -24,6 +23,7 @@ from lipdet.eval.certify import (
     norm_upper,
     spectral_norm_upper,
 )
+from lipdet.eval.certify import binding_summary
 
 C, A, CIN, F = 5, 2, 3, 3  # classes, anchors per location, input channels, map side (corners, edges, interior)
 

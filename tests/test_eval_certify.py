@@ -10,11 +10,9 @@ from torchvision.ops import box_iou
 
 from lipdet.boxes import PriorSpec, cxcywh_to_xyxy, decode, encode, make_priors
 from lipdet.eval.attacks import pgd_l2
-from lipdet.eval.certify import (
+from lipdet.certificates import (
     AnchorBounds,
     box_radius,
-    certified_share,
-    certify_image,
     class_radius,
     detection_anchors,
     head_rows,
@@ -23,6 +21,7 @@ from lipdet.eval.certify import (
     iou_lower_bound_l2,
     sphere_corners,
 )
+from lipdet.eval.certify import certified_share, certify_image
 from lipdet.models import build_model, fold_model
 from lipdet.models.lipschitz import head_bounds
 from lipdet.postprocess import PostprocessConfig, postprocess
