@@ -36,7 +36,19 @@ from lipdet.artifacts import LipschitzBounds, ModelCard, PlanSidecar, Source, Tr
 from lipdet.data.dataset import SVHNDetection, resolve_data, resolve_training_data
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import INPUT_NAME, check_fold, export_onnx_model, ort_session, run_session, set_card
-from lipdet.export.precision import INT8_FLAVOURS, PRECISIONS, TARGETS, ort_cpu_support, quantize_int8, to_fp16
+from lipdet.export.precision import (
+    INT8_CALIBRATION,
+    INT8_FLAVOURS,
+    PRECISIONS,
+    SENSITIVE_SQNR_DB,
+    TARGETS,
+    keep_in_fp32,
+    layer_sqnr,
+    ort_cpu_support,
+    quantize_int8,
+    sensitive_layers,
+    to_fp16,
+)
 from lipdet.export.tensorrt import TrtRunner, build_plan, make_sidecar, require_trt
 from lipdet.io import atomic_path, sha256_file
 from lipdet.metrics import batched, map_of
@@ -115,6 +127,7 @@ class Precision:
     ort_reason: str
     flavour: Optional[str]  # int8 flavour, None otherwise
     stats: Optional[dict[str, float]]  # compare() vs fp32; None for fp32 or when ORT cannot run it
+    fp32_layers: Optional[tuple[str, ...]] = None  # int8: the layers kept in fp32 (:func:`int8_step`)
 
 
 @dataclass(frozen=True)
@@ -295,7 +308,7 @@ def onnx_fp32_step(fold: Folded, say: Say) -> OnnxFp32:
 def precision_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, say: Say) -> Precision:
     """The graph at ``req.precision`` (fp16 converted, int8 calibrated on training images) and its
     ORT parity vs fp32 on the parity images; ParityError beyond tolerance."""
-    final, session, ort_ok, ort_reason, flavour = fp32.model, fp32.session, True, "", None
+    final, session, ort_ok, ort_reason, flavour, kept = fp32.model, fp32.session, True, "", None, None
     if req.precision == "fp16":
         final = to_fp16(fp32.model)
         ort_ok, ort_reason = ort_cpu_support(final, fold.size)
@@ -304,11 +317,7 @@ def precision_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, say: Say) -
                 "and is not evaluated here")
     elif req.precision == "int8":
         flavour = INT8_FLAVOURS[req.target]
-        calib_root = req.calib_root or fold.root
-        calib_split = "train" if _has_split(calib_root, "train") else "test"
-        calib, _ = _load_split(calib_root, calib_split, fold.size, req.calib_n, seed=1)
-        say(f"int8: calibrating {flavour} Q/DQ on {len(calib)} {calib_split} images of {calib_root}")
-        final = quantize_int8(fp32.model, calib, target=req.target)
+        final, kept = int8_step(req, fold, fp32, say)
 
     stats = None
     if req.precision != "fp32" and ort_ok:
@@ -318,7 +327,37 @@ def precision_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, say: Say) -
         if not within(stats, "onnx", req.precision):
             raise ParityError(f"{req.precision} graph differs from fp32 beyond tolerance "
                               f"{tolerance('onnx', req.precision)}: {format_stats(stats)}")
-    return Precision(model=final, session=session, ort_ok=ort_ok, ort_reason=ort_reason, flavour=flavour, stats=stats)
+    return Precision(model=final, session=session, ort_ok=ort_ok, ort_reason=ort_reason, flavour=flavour, stats=stats,
+                     fp32_layers=kept)
+
+
+def int8_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, say: Say) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """The int8 graph and the layers it keeps in fp32.
+
+    Quantises every layer first. When that graph misses the int8 parity tolerance against fp32 on the
+    parity images, ONNX Runtime's ``qdq_loss_debug`` measures the output SQNR of the sensitive layers
+    (entry conv, heads: :func:`lipdet.export.precision.sensitive_layers`) on calibration images and
+    :func:`lipdet.export.precision.keep_in_fp32` keeps those below ``SENSITIVE_SQNR_DB`` (all of
+    them when none is) in fp32; the graph is quantised again without them. Deterministic: same
+    checkpoint and images, same layers.
+    """
+    calib_root = req.calib_root or fold.root
+    calib_split = "train" if _has_split(calib_root, "train") else "test"
+    calib, _ = _load_split(calib_root, calib_split, fold.size, req.calib_n, seed=1)
+    method = INT8_CALIBRATION["method"]
+    flavour = INT8_FLAVOURS[req.target]
+    say(f"int8: calibrating {flavour} Q/DQ ({method} ranges, per-channel weights) on {len(calib)} {calib_split} "
+        f"images of {calib_root}")
+    quant = quantize_int8(fp32.model, calib, target=req.target)
+    stats = compare(run_session(ort_session(quant), fold.parity_images), fp32.outputs)
+    if within(stats, "onnx", "int8"):
+        return quant, ()
+    sqnr = layer_sqnr(fp32.model, quant, calib[:32], sensitive_layers(fp32.model))
+    kept = tuple(keep_in_fp32(sqnr))
+    say(f"int8: every layer quantised misses parity ({format_stats(stats)}); output SQNR of the sensitive layers "
+        f"(dB, qdq_loss_debug): " + ", ".join(f"{k} {v:.1f}" for k, v in sqnr.items())
+        + f"; keeping in fp32 (below {SENSITIVE_SQNR_DB:g} dB, or all when none is): {', '.join(kept)}")
+    return quantize_int8(fp32.model, calib, target=req.target, fp32_layers=kept), kept
 
 
 def validation_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, prec: Precision, say: Say) -> dict[str, Any]:
@@ -352,6 +391,7 @@ def card_step(req: ExportRequest, fold: Folded, prec: Precision, validation: dic
         source=Source(checkpoint=str(req.checkpoint.resolve()), sha256=sha256_file(req.checkpoint)),
         precision=req.precision,
         int8_flavour=prec.flavour,
+        int8_fp32_layers=prec.fp32_layers,
         data=TrainingData.from_meta(fold.meta.get("data"), str(req.checkpoint)),
         postprocess=PostprocessConfig(),
         validation=validation,

@@ -7,7 +7,9 @@ the precision an engine runs in is decided here, in the graph it is built from:
   ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``: the graph still
   takes and returns float32, with ``Cast`` nodes at its edges.
 * ``int8``: :func:`quantize_int8` runs ``onnxruntime.quantization.quantize_static`` (QDQ format,
-  per-channel symmetric 8-bit weights, MinMax calibration on training images). Two flavours,
+  per-channel symmetric 8-bit weights, activation ranges calibrated on training images by
+  :data:`INT8_CALIBRATION`, robust to outliers where MinMax is not; optionally with some layers
+  kept in fp32: :func:`sensitive_layers` and :func:`keep_in_fp32` are the rule). Two flavours,
   because the best graph for ONNX Runtime on a CPU is not one TensorRT accepts:
 
   - ``u8u8-asymmetric`` (``--target ort``): uint8 asymmetric activations, uint8 weights
@@ -28,7 +30,7 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -51,6 +53,16 @@ the demo model's u8s8 graph failed parity (rel 0.56, cosine 0.986) and the tiny 
 5.8 map_50 points. ``reduce_range`` (7-bit weights) cost 1.1 points on the test model even with
 VNNI; u8u8 keeps 8-bit weights and has no saturating path, so it is the flavour for every CPU."""
 LEGACY_ORT_FLAVOUR = "u8s8-asymmetric"
+
+INT8_CALIBRATION: dict[str, object] = {"method": "Percentile", "percentile": 99.999}
+"""How activation ranges are calibrated: ONNX Runtime's ``CalibrationMethod`` and its setting.
+
+Percentile clips each activation's range at the 99.999th percentile of the calibration values, so
+a few outliers do not stretch the 256 steps over a range most values never use (MinMax's failure)."""
+
+SENSITIVE_SQNR_DB = 30.0
+"""A sensitive layer (entry conv or head, :func:`sensitive_layers`) whose output SQNR in the int8 graph,
+against fp32, is below this (dB; 30 dB = 3% relative error) is kept in fp32 by :func:`keep_in_fp32`."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +104,8 @@ class ImageCalibrationReader:
     def __init__(self, images: torch.Tensor | np.ndarray, batch: int = 32) -> None:
         x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         self._x = np.ascontiguousarray(x, dtype=np.float32)
-        self._batch = int(batch)
+        # equal batches: the histogram calibrators (Percentile, Entropy) stack every batch's tensors
+        self._batch = max(d for d in range(1, max(1, int(batch)) + 1) if len(self._x) % d == 0) if len(self._x) else 1
         self._i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -119,12 +132,15 @@ def calibration_reader(images: torch.Tensor | np.ndarray, batch: int = 32):
     return _Reader(images, batch)
 
 
-def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarray, target: str = "ort") -> onnx.ModelProto:
-    """Statically quantise an fp32 graph to a QDQ int8 graph calibrated on ``calib_images``.
+def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarray, target: str = "ort",
+                  fp32_layers: Sequence[str] = ()) -> onnx.ModelProto:
+    """Statically quantise an fp32 graph to a QDQ int8 graph calibrated on ``calib_images`` ``(N, 3, S, S)``.
 
     ``target`` picks the flavour (:data:`INT8_FLAVOURS`): ``"ort"`` = uint8 asymmetric
     activations (fast on ONNX Runtime CPU), ``"trt"`` = int8 symmetric activations (TensorRT).
-    Weights are int8, symmetric, per output channel in both.
+    Weights are 8-bit, symmetric, per output channel in both; activation ranges by
+    :data:`INT8_CALIBRATION`. ``fp32_layers`` (layer names, e.g. ``cls_heads.fire8.conv``: a Conv's
+    weight name less ``.weight``) stay in fp32.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -133,6 +149,7 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
     if len(calib_images) == 0:
         raise LipdetError("int8 calibration needs at least one image (calib_n)")
     symmetric = target == "trt"
+    exclude = _conv_nodes(model, fp32_layers)
     with tempfile.TemporaryDirectory(prefix="lipdet-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))
@@ -147,8 +164,10 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
                     reduce_range=False,  # full 8-bit weights: u8u8 does not saturate (see INT8_FLAVOURS)
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     weight_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
+                    calibrate_method=getattr(CalibrationMethod, str(INT8_CALIBRATION["method"])),
+                    nodes_to_exclude=exclude,
                     extra_options={
+                        "CalibPercentile": INT8_CALIBRATION.get("percentile", 99.999),
                         "ActivationSymmetric": symmetric,
                         "WeightSymmetric": True,
                         # TensorRT fuses Relu itself; keep the graph literal for it
@@ -170,6 +189,105 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
         if bad:
             raise LipdetError(f"int8 graph for TensorRT has a non-zero zero point at {bad[0]} (TensorRT needs symmetric Q/DQ)")
     return quant
+
+
+def _conv_layers(model: onnx.ModelProto) -> dict[str, str]:
+    """``{Conv node name: layer name}``: the layer is the Conv's weight initializer name less ``.weight``."""
+    inits = {i.name for i in model.graph.initializer}
+    return {n.name: n.input[1].removesuffix(".weight") for n in model.graph.node
+            if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits}
+
+
+def _conv_nodes(model: onnx.ModelProto, layers: Sequence[str]) -> list[str]:
+    """The Conv node names of ``layers`` (LipdetError naming a layer the graph does not have)."""
+    by_layer = {layer: node for node, layer in _conv_layers(model).items()}
+    missing = [layer for layer in layers if layer not in by_layer]
+    if missing:
+        raise LipdetError(f"no Conv layer {missing[0]!r} in this graph; its layers: {', '.join(by_layer)}")
+    return [by_layer[layer] for layer in layers]
+
+
+def sensitive_layers(model: onnx.ModelProto) -> list[str]:
+    """The layers int8 hurts most here, in graph order: the entry conv(s) (the Convs the input reaches through
+    no other Conv) and the heads (the Convs whose outputs reach a graph output through no other Conv).
+
+    They are the unbounded first and last layers of the Lipschitz analysis: the entry conv sees raw
+    pixels, the heads' outputs are the scores and box offsets themselves (nothing downstream averages
+    their rounding error out).
+    """
+    convs = _conv_layers(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    entry, _ = _walk(consumers, [i.name for i in model.graph.input], convs)
+    heads = set()
+    for n in model.graph.node:
+        if n.name in convs:
+            met, reached = _walk(consumers, list(n.output), convs)
+            if not met and reached & outputs:
+                heads.add(n.name)
+    return [convs[n.name] for n in model.graph.node if n.name in entry | heads]
+
+
+def _walk(consumers: dict[str, list[onnx.NodeProto]], start: list[str], convs: dict[str, str]
+          ) -> tuple[set[str], set[str]]:
+    """``(Conv nodes met, tensors reached)`` walking downstream from the tensors ``start``, stopping at Convs."""
+    reached, todo, met = set(start), list(start), set()
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if n.name in convs:
+                met.add(n.name)
+                continue
+            for o in n.output:
+                if o not in reached:
+                    reached.add(o)
+                    todo.append(o)
+    return met, reached
+
+
+def layer_sqnr(fp32: onnx.ModelProto, quant: onnx.ModelProto, images: torch.Tensor | np.ndarray,
+               layers: Sequence[str]) -> dict[str, float]:
+    """SQNR in dB (higher: closer) of each layer's output in the int8 graph ``quant`` against ``fp32``, on
+    ``images`` ``(N, 3, S, S)``: ONNX Runtime's ``qdq_loss_debug`` (``xmodel_err``: the error accumulated up to
+    and including that layer)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    producer = {o: n for n in fp32.graph.node for o in n.output}
+    outputs = {n.name: n.output[0] for n in fp32.graph.node}
+    wanted = {layer: outputs[node] for node, layer in _conv_layers(fp32).items() if layer in set(layers)}
+    with tempfile.TemporaryDirectory(prefix="lipdet-qdq-debug-") as tmp, _quiet_logs():
+        acts = {}
+        for name, graph in (("fp32", fp32), ("int8", quant)):
+            src, aug = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.aug.onnx"
+            onnx.save(graph, str(src))
+            modify_model_output_intermediate_tensors(str(src), str(aug))
+            acts[name] = collect_activations(str(aug), calibration_reader(images))
+        errors = compute_activation_error(create_activation_matching(acts["int8"], acts["fp32"]))
+    measured = {}
+    for layer, tensor in wanted.items():
+        # a Conv fused with its Relu has no Q/DQ of its own output: read the first quantised tensor after it
+        while tensor not in errors and tensor in outputs.values():
+            nxt = [n for n in fp32.graph.node if tensor in n.input and n.op_type != "Conv"]
+            if len(nxt) != 1 or producer.get(tensor) is None:
+                break
+            tensor = nxt[0].output[0]
+        if tensor in errors:
+            measured[layer] = float(errors[tensor]["xmodel_err"])
+    return measured
+
+
+def keep_in_fp32(sqnr: dict[str, float]) -> list[str]:
+    """The rule: of the sensitive layers measured by :func:`layer_sqnr`, keep in fp32 those whose SQNR is below
+    :data:`SENSITIVE_SQNR_DB`; when none is (the error is spread over them), all of them."""
+    low = [layer for layer, db in sqnr.items() if db < SENSITIVE_SQNR_DB]
+    return low or list(sqnr)
 
 
 def restore_weight_names(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> int:
@@ -280,14 +398,16 @@ def _dequantize(node: onnx.NodeProto, vals: dict[str, np.ndarray]) -> np.ndarray
 
 @contextlib.contextmanager
 def _quiet_logs() -> Iterator[None]:
-    """Mute the quantiser's and converter's warnings (pre-processing advice, fp16 clamping)."""
+    """Mute the quantiser's and converter's warnings (pre-processing advice, fp16 clamping) and the
+    calibrators' progress prints (histogram calibration writes to stdout)."""
+    import io
     import warnings
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -29,7 +29,17 @@ from lipdet.export.onnx_export import (
     ort_session,
     run_session,
 )
-from lipdet.export.precision import INT8_FLAVOURS, int8_flavour, onnx_constants, ort_cpu_support, quantize_int8
+from lipdet.export.precision import (
+    INT8_FLAVOURS,
+    SENSITIVE_SQNR_DB,
+    int8_flavour,
+    keep_in_fp32,
+    layer_sqnr,
+    onnx_constants,
+    ort_cpu_support,
+    quantize_int8,
+    sensitive_layers,
+)
 from lipdet.models import build_model, fold_model
 
 ARCH, WIDTH, SIZE = "sll-spectral", 0.125, 32  # 32 px: 340 priors, everything ~5x cheaper than 74
@@ -284,6 +294,7 @@ def test_cli_latest_run_int8_writes_beside_it(tmp_path, data_root, monkeypatch, 
     assert "validation map_50" in out and "-> int8" in out
     card = get_card(onnx_path)
     assert card.precision == "int8" and card.int8_flavour == "u8u8-asymmetric"
+    assert card.int8_fp32_layers is not None and set(card.int8_fp32_layers) <= set(sensitive_layers(load_onnx(onnx_path)))
     v = card.validation
     assert v["int8"] is not None and v["map_50_change"] == pytest.approx(v["int8"]["map_50"] - v["fp32"]["map_50"])
     assert v["parity_vs_fp32"]["cosine"] > 0.99
@@ -455,3 +466,68 @@ def test_parity_table_keeps_every_tolerance():
     assert within({"rel": 1e-4, "cosine": 0.999999}, "onnx", "fp32")
     assert not within({"rel": 1e-4, "cosine": 0.99999}, "onnx", "fp32")
     assert not within({"rel": float("nan"), "cosine": 1.0}, "tensorrt", "int8")
+
+
+# ----------------------------------------------------------------------------------------------
+# int8: calibration, sensitive layers kept in fp32, accuracy of a trained model (issue #17)
+
+
+def test_sensitive_layers_are_the_entry_conv_and_the_heads(fp32_model):
+    layers = sensitive_layers(fp32_model)
+    heads = [f"{kind}_heads.{scale}.conv" for kind in ("loc", "cls") for scale in ("fire8", "fire9", "fire10", "conv12_2")]
+    assert layers[0].startswith("trunk.") and "fire1" in layers[0] and sorted(layers[1:]) == sorted(heads)
+
+
+def test_layers_kept_in_fp32_read_fp32_weights_and_the_rest_is_int8(fp32_model, data_root, real_images):
+    from lipdet.data.dataset import SVHNDetection
+
+    ds = SVHNDetection(data_root, "train", input_size=SIZE)
+    calib = torch.stack([ds[i][0] for i in range(len(ds))])
+    kept = sensitive_layers(fp32_model)[:2]
+    q = quantize_int8(fp32_model, calib, target="ort", fp32_layers=kept)
+    w32, consts = onnx_constants(fp32_model), onnx_constants(q)
+    float_inits = {i.name for i in q.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    for layer in kept:  # the fp32 weights themselves, not a dequantised copy
+        assert f"{layer}.weight" in float_inits and np.array_equal(consts[f"{layer}.weight"], w32[f"{layer}.weight"])
+    others = [n for n in fp32_model.graph.node if n.op_type == "Conv" and n.input[1].removesuffix(".weight") not in kept]
+    assert others and all(f"{n.input[1]}" not in float_inits for n in others)  # quantised
+    stats = compare(run_session(ort_session(q), real_images), run_session(ort_session(fp32_model), real_images))
+    assert stats["cosine"] > 0.99
+    with pytest.raises(LipdetError, match="no Conv layer 'nope'"):
+        quantize_int8(fp32_model, calib, target="ort", fp32_layers=["nope"])
+
+
+def test_qdq_loss_debug_measures_every_sensitive_layer_and_the_rule_is_deterministic(fp32_model, real_images):
+    layers = sensitive_layers(fp32_model)
+    q = quantize_int8(fp32_model, real_images, target="ort")
+    sqnr = layer_sqnr(fp32_model, q, real_images[:8], layers)
+    assert set(sqnr) == set(layers) and all(np.isfinite(v) and v > 0 for v in sqnr.values())
+    assert sqnr == layer_sqnr(fp32_model, q, real_images[:8], layers)
+    assert keep_in_fp32(sqnr) == ([k for k, v in sqnr.items() if v < SENSITIVE_SQNR_DB] or list(sqnr))
+    assert keep_in_fp32({"a": SENSITIVE_SQNR_DB + 1, "b": SENSITIVE_SQNR_DB - 1}) == ["b"]
+    assert keep_in_fp32({"a": SENSITIVE_SQNR_DB + 1, "b": SENSITIVE_SQNR_DB + 2}) == ["a", "b"]
+
+
+def test_int8_of_a_trained_model_passes_parity_within_a_point_of_fp32(tmp_path, tiny_svhn):
+    """A naive Tinier SSD trained (over-fitted, full batch) on the 16 test images it is then evaluated on:
+    ``lipdet export --precision int8`` passes its parity gate, and map_50 moves by at most 1 point."""
+    from lipdet.data import SVHNDetection, detection_collate
+    from lipdet.loss import MultiBoxLoss
+
+    torch.manual_seed(0)
+    model = build_model("naive", width=0.25)
+    split = SVHNDetection(tiny_svhn, "test", 74)
+    x, t = detection_collate([split[i] for i in range(len(split))])
+    crit, opt = MultiBoxLoss(model.priors, 74), torch.optim.Adam(model.parameters(), 5e-3)
+    for _ in range(50):
+        opt.zero_grad()
+        crit(*model(x), t)["loss"].backward()
+        opt.step()
+    model.eval()
+    pt = save_checkpoint(tmp_path / "model.pt", model, meta={"data": {"root": str(tiny_svhn), "synthetic": False}})
+    res = export_model(pt, precision="int8", val_n=16, calib_n=32, echo=lambda *a: None)  # ParityError otherwise
+    card = get_card(res.onnx)
+    v = card.validation
+    assert v["images"] == 16 and v["fp32"]["map_50"] > 0.1
+    assert abs(v["map_50_change"]) <= 0.01, v
+    assert card.int8_fp32_layers is not None

@@ -10,6 +10,7 @@ The card is one JSON object stored in the ONNX file's ``metadata_props`` under :
      "priors": PriorSpec, "variances": [0.1, 0.2], "precision": "fp32" | "fp16" | "int8",
      "int8_flavour": str | null, "data": {"root", "synthetic"[, "val"]} | null,
      # written by export (absent from a checkpoint's in-memory card):
+     "int8_fp32_layers": [str, ...] (int8 only: the layers kept in fp32, [] for none; absent in older files),
      "postprocess": {"score_threshold", "iou_threshold", "top_k", "variances"},
      "lipschitz": {"loc", "cls", "per_scale": [...]}, "source": {"checkpoint", "sha256"},
      "validation": {...}, "parity": {...}, "opset": 18,
@@ -217,6 +218,7 @@ class ModelCard:
     outputs: dict[str, str] = field(default_factory=lambda: dict(OUTPUTS))
     precision: str = "fp32"
     int8_flavour: Optional[str] = None
+    int8_fp32_layers: Optional[tuple[str, ...]] = None  # int8: layers kept in fp32 (weight names less ".weight")
     data: Optional[TrainingData] = None
     postprocess: Optional[PostprocessConfig] = None
     lipschitz: Optional[LipschitzBounds] = None
@@ -253,6 +255,7 @@ class ModelCard:
             "data": self.data.to_dict() if self.data is not None else None,
         }
         optional = {
+            "int8_fp32_layers": list(self.int8_fp32_layers) if self.int8_fp32_layers is not None else None,
             "postprocess": {**asdict(self.postprocess), "variances": list(self.variances)} if self.postprocess else None,
             "lipschitz": self.lipschitz.to_dict() if self.lipschitz is not None else None,
             "source": row_to_dict(self.source) if self.source is not None else None,
@@ -293,6 +296,7 @@ class ModelCard:
             model=_read_model(f.sub("model")), priors=_read_priors(f.sub("priors")),
             input=InputContract.read(f.sub("input")), class_names=f.items("class_names", str), variances=variances,
             outputs=dict(outputs), precision=f.get("precision", str, "fp32"), int8_flavour=f.get("int8_flavour", str, None),
+            int8_fp32_layers=f.items("int8_fp32_layers", str, None),
             data=TrainingData.read(sub("data")) if f.has("data") else None,
             postprocess=_read_postprocess(sub("postprocess")) if f.has("postprocess") else None,
             lipschitz=LipschitzBounds.read(sub("lipschitz")) if f.has("lipschitz") else None,
@@ -307,5 +311,5 @@ class ModelCard:
 def make_card(model: nn.Module, **fields: Any) -> ModelCard:
     """The model card of ``model``: its config, input contract, classes and priors, plus ``fields``
     (:meth:`ModelCard.for_model`). Export adds ``lipschitz``, ``source``, ``precision``,
-    ``int8_flavour``, ``data``, ``postprocess``, ``validation``, ``parity`` and ``opset``."""
+    ``int8_flavour``, ``int8_fp32_layers``, ``data``, ``postprocess``, ``validation``, ``parity`` and ``opset``."""
     return ModelCard.for_model(model, **fields)
