@@ -329,3 +329,28 @@ def test_head_bounds_carry_measured_values_below_the_bounds():
             assert 0 < p[f"{key}_measured"] <= p[key], key
     assert heads["cls_measured"] <= heads["cls"] and heads["loc_measured"] <= heads["loc"]
     assert LayerBound.from_dict({"name": "a", "kind": "conv", "norm": 2.0, "cumulative": 2.0}).ratio is None
+
+
+def test_module_bound_of_plain_torch_modules():
+    """nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, ReLU: bounds above (or equal to) the exact constants."""
+    from lipdet.models.lipschitz import module_bound
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    kind, est = module_bound(conv, (7, 5))
+    exact = dense_conv_norm_hw(conv.weight, (7, 5), 2, 1)
+    assert kind == "conv" and est.measured <= exact <= est.bound <= exact * (1 + 1e-9)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -3.0, 1.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25]))
+    kind, est = module_bound(bn, (5, 5))
+    value = max(0.5 / (1 + bn.eps) ** 0.5, 3.0 / (4 + bn.eps) ** 0.5, 1.0 / (0.25 + bn.eps) ** 0.5)
+    assert kind == "batchnorm" and est.measured == pytest.approx(value, rel=1e-15) and est.bound >= value
+    _, est = module_bound(torch.nn.MaxPool2d(3, 2), (9, 9))
+    assert est == (2.0, 2.0)
+    _, est = module_bound(torch.nn.MaxPool2d(3, 2), (3, 3))  # one window: the constant is 1, the bound 2
+    assert est == (2.0, 1.0)
+    assert module_bound(torch.nn.ReLU(), (4, 4)) == ("relu", (1.0, 1.0))
+    with pytest.raises(LipdetError):
+        module_bound(torch.nn.Conv2d(2, 2, 3, groups=2), (4, 4))
