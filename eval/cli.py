@@ -60,7 +60,7 @@ def command(
     attack_loss: AttackLoss = typer.Option(
         ENSEMBLE, "--attack-loss", help=f"{ENSEMBLE} (default): PGD once per loss "
         f"({', '.join(ENSEMBLE_LOSSES)}; {len(ENSEMBLE_LOSSES)}x the cost), keeping per image the adversarial image "
-        "worst for the engine (fewest objects detected, then highest MultiBox loss); the JSON has each loss's mAP."),
+        "worst for the engine (fewest objects detected, then lowest scores of those found, then highest MultiBox loss); the JSON has each loss's mAP."),
     blackbox: Optional[Blackbox] = typer.Option(None, "--blackbox", help="square: query-only L2 random search on the engine."),
     queries: int = typer.Option(100, "--queries", help="Black-box query budget per image."),
     eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", help="Comma-separated radii for the mAP-vs-eps curve, e.g. 0,0.25,0.5,1."),

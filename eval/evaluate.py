@@ -533,7 +533,7 @@ class Evaluator:
             eng=(torch.stack(take([r.eng[0] for r in runs])), torch.stack(take([r.eng[1] for r in runs]))),
             dets=take([r.dets for r in runs]),
             diffs=None if any(d is None for d in diffs) else torch.stack(take(diffs)),
-            loss=torch.stack(take([h[:, 1] for h in harms])).float(),
+            loss=torch.stack(take([h[:, -1] for h in harms])).float(),
         )
         return kept, dict(zip(names, runs)), [names[k] for k in pick]
 

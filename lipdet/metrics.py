@@ -115,19 +115,32 @@ def map_of(
     return metric.compute()
 
 
-def objects_detected(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float = 0.5) -> Tensor:
-    """Which ground-truth objects of one image are detected correctly: ``(K,)`` bool.
+def object_scores(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float = 0.5) -> Tensor:
+    """The score at which each ground-truth object of one image is detected correctly: ``(K,)`` float32.
 
-    Object ``g`` is detected correctly when some detection has ``g``'s digit and IoU ``>= iou`` with
-    its box (the "detected correctly" of the certificates). ``dets``: ``{"boxes" (D, 4), "labels" (D,)}``,
-    ``target``: ``{"boxes" (K, 4), "labels" (K,)}``, boxes xyxy in the same pixel frame.
+    Object ``g``'s entry is the highest score of a detection with ``g``'s digit and IoU ``>= iou`` with
+    its box (the detection COCO matching gives ``g``), ``0`` when there is none. ``dets``:
+    ``{"boxes" (D, 4), "scores" (D,), "labels" (D,)}``, ``target``: ``{"boxes" (K, 4), "labels" (K,)}``,
+    boxes xyxy in the same pixel frame.
     """
-    k = target["boxes"].shape[0]
-    if k == 0 or dets["boxes"].shape[0] == 0:
-        return torch.zeros(k, dtype=torch.bool)
+    if dets["boxes"].shape[0] == 0:
+        return torch.zeros(target["boxes"].shape[0])
+    return (_correct(dets, target, iou).float() * dets["scores"].float().cpu().view(-1, 1)).amax(dim=0)
+
+
+def objects_detected(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float = 0.5) -> Tensor:
+    """Which ground-truth objects of one image are detected correctly (some detection of the same digit with
+    IoU ``>= iou``, the "detected correctly" of the certificates): ``(K,)`` bool. Arguments as :func:`object_scores`."""
+    return _correct(dets, target, iou).any(dim=0)
+
+
+def _correct(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float) -> Tensor:
+    """``(D, K)`` bool: detection ``d`` has object ``k``'s digit and IoU ``>= iou`` with its box."""
+    if dets["boxes"].shape[0] == 0 or target["boxes"].shape[0] == 0:
+        return torch.zeros(dets["boxes"].shape[0], target["boxes"].shape[0], dtype=torch.bool)
     ious = box_iou(dets["boxes"].float().cpu(), target["boxes"].float().cpu())  # (D, K)
     same = dets["labels"].long().cpu().view(-1, 1) == target["labels"].long().cpu().view(1, -1)
-    return ((ious >= iou) & same).any(dim=0)
+    return (ious >= iou) & same
 
 
 def batched(images: Tensor, targets: Sequence[dict[str, Tensor]], size: int = 64) -> Iterator[tuple[Tensor, Sequence[dict[str, Tensor]]]]:

@@ -190,11 +190,12 @@ def test_eps_zero_reproduces_clean_and_pgd_raises_the_loss(env):
 
 def test_ensemble_keeps_the_per_image_worst_of_the_single_losses(env):
     """The default ``--attack-loss ensemble``: each loss's candidates are exactly that loss's own run, the kept
-    one is per image never better for the model than any of them (fewest objects detected correctly, then
-    highest MultiBox loss), both measured on the engine; the JSON names the losses and their mAP."""
+    one is per image never better for the model than any of them (fewest objects detected correctly, then the
+    lowest scores they are found at, then the highest MultiBox loss), all measured on the engine; the JSON names
+    the losses and their mAP."""
     from lipdet.deploy.backends import load_backend
     from lipdet.eval.attacks import ENSEMBLE_LOSSES
-    from lipdet.metrics import objects_detected
+    from lipdet.metrics import object_scores, objects_detected
     from lipdet.postprocess import PostprocessConfig, postprocess
 
     quiet = lambda m: None  # noqa: E731
@@ -214,7 +215,8 @@ def test_ensemble_keeps_the_per_image_worst_of_the_single_losses(env):
             assert all(torch.equal(re_.pgd_by_loss[name][k], rs.pgd[k]) for k in ("boxes", "scores", "labels"))
 
     def harm(dets, r, loss):
-        return (-int(objects_detected(dets, r.target).sum()), loss)
+        found_at = object_scores(dets, r.target).double()
+        return (-int(objects_detected(dets, r.target).sum()), -float(found_at.sum()), loss)
 
     for r in ens.records:
         kept = harm(r.pgd, r, r.loss["pgd"])

@@ -23,7 +23,7 @@ from lipdet.eval.attacks import (
     square_l2,
     worst_per_image,
 )
-from lipdet.metrics import objects_detected
+from lipdet.metrics import object_scores, objects_detected
 from lipdet.postprocess import PostprocessConfig, postprocess
 from lipdet.models import build_model, fold_model
 
@@ -162,7 +162,7 @@ def test_bad_parameters_are_user_errors(twin, batch):
         pgd_l2(twin, images, targets, loss, 0.5, steps=0)
     with pytest.raises(LipdetError, match="queries"):
         square_l2(twin, images, targets, loss, 0.5, queries=0)
-    with pytest.raises(LipdetError, match="attack-loss"):
+    with pytest.raises(LipdetError, match="attack.loss"):  # the option or parameter name
         AttackLoss("nope", twin.priors, S)
 
 
@@ -179,19 +179,22 @@ def test_attack_loss_names_are_checked_in_one_place():
         AttackLoss("ensemble", torch.zeros(4, 4), S)  # the ensemble is not one loss
 
 
-def test_image_harm_counts_objects_detected_then_loss():
-    """Column 0: minus the objects detected correctly (same digit, IoU >= 0.5); column 1: the loss."""
+def test_image_harm_counts_objects_detected_then_their_scores_then_loss():
+    """Columns: minus the objects detected correctly (same digit, IoU >= 0.5), minus the sum of the scores
+    they are found at (best correct detection per object), the loss."""
     gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0]]), "labels": torch.tensor([3, 5])}
-    hit_both = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 9.0], [20.0, 0.0, 30.0, 10.0]]), "labels": torch.tensor([3, 5]),
-                "scores": torch.tensor([0.9, 0.8])}
-    wrong_digit = {"boxes": gt["boxes"].clone(), "labels": torch.tensor([3, 6]), "scores": torch.tensor([0.9, 0.8])}
+    hit_both = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 9.0], [20.0, 0.0, 30.0, 10.0], [0.0, 0.0, 10.0, 10.0]]),
+                "labels": torch.tensor([3, 5, 3]), "scores": torch.tensor([0.5, 0.25, 0.75])}
+    wrong_digit = {"boxes": gt["boxes"].clone(), "labels": torch.tensor([3, 6]), "scores": torch.tensor([0.5, 0.8])}
     shifted = {"boxes": torch.tensor([[6.0, 0.0, 16.0, 10.0]]), "labels": torch.tensor([3]), "scores": torch.tensor([0.9])}
     none = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
     assert objects_detected(hit_both, gt).tolist() == [True, True]
+    assert object_scores(hit_both, gt).tolist() == [0.75, 0.25]  # the best correct detection of each object
+    assert object_scores(wrong_digit, gt).tolist() == [0.5, 0.0] and object_scores(none, gt).tolist() == [0.0, 0.0]
     assert objects_detected(wrong_digit, gt).tolist() == [True, False]
     assert objects_detected(shifted, gt).tolist() == [False, False]  # IoU 4/16 < 0.5
     h = image_harm([hit_both, wrong_digit, shifted, none], [gt] * 4, torch.tensor([0.5, 2.0, 1.0, 3.0]))
-    assert h.dtype == torch.float64 and h.tolist() == [[-2.0, 0.5], [-1.0, 2.0], [0.0, 1.0], [0.0, 3.0]]
+    assert h.dtype == torch.float64 and h.tolist() == [[-2.0, -1.0, 0.5], [-1.0, -0.5, 2.0], [0.0, 0.0, 1.0], [0.0, 0.0, 3.0]]
 
 
 def test_worst_per_image_is_lexicographic_and_keeps_the_first_on_ties():
@@ -206,7 +209,7 @@ def test_worst_per_image_is_lexicographic_and_keeps_the_first_on_ties():
 
 def test_ensemble_choice_is_never_better_than_any_loss(twin, batch):
     """PGD with every loss, judged on a stand-in engine: the kept candidate is, per image, at least as bad
-    for the model as each loss's own candidate (fewest objects detected, then highest MultiBox loss)."""
+    for the model as each loss's own candidate (fewest objects detected, lowest scores, highest MultiBox loss)."""
     images, targets = batch
     judge = AttackLoss("multibox", twin.priors, S)
     cfg = PostprocessConfig(score_threshold=0.01)
