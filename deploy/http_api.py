@@ -3,13 +3,16 @@
 Endpoints (the Ray Serve deployment in :mod:`lipdet.deploy.serve` routes them here):
 
 * ``POST /v1/detect``: body = one PNG/JPEG image of any size -> ``{"image": {"width", "height"},
-  "detections": [{"bbox": [x, y, w, h], "category_id": digit, "score": p}, ...], "model": {...}}``,
-  boxes in the image's own pixels (COCO results style).
+  "detections": [{"bbox": [x, y, w, h], "category_id": digit, "score": p, "certified_radius": {...}}, ...],
+  "model": {...}}``, boxes in the image's own pixels (COCO results style). ``certified_radius``
+  (``{"cls", "box", "radius", "binding"}``, :data:`lipdet.certificates.DETECTION_DEFINITION`) is there for
+  every model with a lipdet card (its twin gives the bounds), absent for a foreign ONNX.
 * ``POST /v1/infer``: body = a ``.npy`` float32 array ``(N, 3, S, S)`` in ``[0, 1]`` -> a ``.npz``
   with the engine's raw ``loc (N, P, 4)`` and ``logits (N, P, C)`` float32, before any
   post-processing. This is what ``lipdet eval http://...`` scores and attacks (the same numbers
   ``backend(images)`` gives in process).
-* ``GET /v1/model``: the model card, the served file's sha256 and the twin's (see below).
+* ``GET /v1/model``: the model card, the served file's sha256 and the twin's (see below), and
+  ``certificate``: the per-detection radius's definition and per-scale bounds (None without a card).
 * ``GET /v1/model/onnx``: the bytes of the served model's ONNX twin (the ``.onnx`` itself, or a
   plan's source ONNX), for gradient attacks through ``lipdet eval --pgd``.
 * ``GET /healthz``: 200 ``{"status": "ready", "replica": {"pid", "host"}}`` once the engine answered a
@@ -21,6 +24,7 @@ Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for anything the c
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor
 
 import lipdet
+from lipdet.certificates import DETECTION_DEFINITION, SERVE_BISECTION, AnchorBounds, detection_radii
 from lipdet.deploy.backends import Backend
 from lipdet.deploy.images import MAX_BODY_BYTES, ImageError, Prepared, to_image_boxes
 from lipdet.io import sha256_file
@@ -63,6 +68,33 @@ def twin_onnx_path(backend: Backend) -> Path | None:
     return getattr(backend, "onnx_path", None)
 
 
+def certificate_bounds(backend: Backend) -> AnchorBounds | None:
+    """The per-anchor bounds of the served model, computed once per replica (None without a lipdet card).
+
+    The same computation as ``lipdet eval --certify`` (:meth:`AnchorBounds.of_model`): ``head_bounds`` and the
+    head rows of the twin rebuilt from the served file's own weights (a plan's source ONNX).
+    """
+    if backend.card is None:
+        return None
+    from lipdet.deploy.twin import load_twin
+
+    return AnchorBounds.of_model(load_twin(backend.path), backend.priors.shape[0], backend.card.priors.feature_sizes)
+
+
+def certificate_json(bounds: AnchorBounds | None) -> dict[str, Any] | None:
+    """The ``certificate`` entry of ``GET /v1/model``: what ``certified_radius`` means, and the bounds behind it."""
+    if bounds is None:
+        return None
+    return {"definition": DETECTION_DEFINITION, "keys": ["cls", "box", "radius", "binding"],
+            "units": "L2 norm over the 3xSxS model input in [0,1] pixel units (the letterboxed, resized image)",
+            "iou": 0.5, "bisection_steps": SERVE_BISECTION, "per_scale": bounds.per_scale}
+
+
+def _radius_json(r: float) -> float | None:
+    """A radius for JSON: None stands for an unbounded one (a head whose constant is 0; JSON has no inf)."""
+    return float(r) if math.isfinite(r) else None
+
+
 @dataclass
 class ModelService:
     """One replica's engine and everything the endpoints answer from it.
@@ -70,17 +102,20 @@ class ModelService:
     Attributes:
         backend: the deploy backend (ONNX Runtime session or TensorRT engine).
         thresholds: post-processing thresholds from the card.
-        info: the ``GET /v1/model`` object (card, hashes, server settings), computed once.
+        info: the ``GET /v1/model`` object (card, hashes, server settings, certificate), computed once.
+        bounds: the per-anchor bounds of :func:`certificate_bounds` (None: no ``certified_radius``).
     """
 
     backend: Backend
     thresholds: PostprocessConfig
     info: dict[str, Any]
+    bounds: AnchorBounds | None = None
 
     @classmethod
     def create(cls, backend: Backend, settings: dict[str, Any]) -> "ModelService":
         """Wrap ``backend``; ``settings`` (replicas, batch settings) goes into ``GET /v1/model``."""
         twin = twin_onnx_path(backend)
+        bounds = certificate_bounds(backend)
         info = {
             "card": card_json(backend.card),
             "artifact": {"file": backend.path.name, "sha256": sha256_file(backend.path), "backend": backend.name,
@@ -88,8 +123,9 @@ class ModelService:
                          "input_size": backend.input_size},
             "twin": {"file": twin.name, "sha256": sha256_file(twin), "url": "/v1/model/onnx"} if twin else None,
             "server": {**settings, "lipdet_version": lipdet.__version__},
+            "certificate": certificate_json(bounds),
         }
-        return cls(backend, card_thresholds(backend.card), info)
+        return cls(backend, card_thresholds(backend.card), info, bounds)
 
     def warm_up(self, batch: int) -> None:
         """Run one batch of ``batch`` black images through the engine (first-call allocations)."""
@@ -103,15 +139,19 @@ class ModelService:
     def detections(self, loc: Tensor, logits: Tensor, prepared: Prepared) -> dict[str, Any]:
         """The ``POST /v1/detect`` answer for one image from its raw ``loc (P, 4)``, ``logits (P, C)``.
 
-        A per-detection certified radius (``"certified_radius": {"cls", "box", "radius"}``) would be
-        one more key in each entry of ``detections``, computed here from ``loc``/``logits`` and the
-        card's per-scale bounds once the per-anchor certificate lives in the shared core.
+        With bounds, each detection also gets ``"certified_radius": {"cls", "box", "radius", "binding"}``
+        (:func:`lipdet.certificates.detection_radii`, radii in input-pixel L2 units; None for an unbounded one).
         """
         size = self.backend.input_size
         dets = postprocess(loc[None], logits[None], self.backend.priors, size, self.thresholds)[0]
         boxes = to_image_boxes(dets["boxes"], prepared, size)
         entries = [{"bbox": [round(float(v), 3) for v in b], "category_id": int(c), "score": float(p)}
                    for b, c, p in zip(boxes.tolist(), dets["labels"].tolist(), dets["scores"].tolist())]
+        if self.bounds is not None and entries:
+            r = detection_radii(loc, logits, self.backend.priors, size, dets, self.bounds)
+            for j, e in enumerate(entries):
+                e["certified_radius"] = {"cls": _radius_json(float(r["cls"][j])), "box": _radius_json(float(r["box"][j])),
+                                         "radius": _radius_json(float(r["radius"][j])), "binding": r["binding"][j]}
         return {"image": {"width": prepared.width, "height": prepared.height}, "detections": entries,
                 "model": {"sha256": self.info["artifact"]["sha256"], "precision": self.backend.precision}}
 

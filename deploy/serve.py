@@ -1,8 +1,9 @@
 """``lipdet serve`` on Ray Serve: one deployment of N replicas, each an engine behind dynamic batching.
 
 Each replica (:class:`DetectorServer`) loads the artifact through :mod:`lipdet.deploy.backends`
-(ONNX Runtime with one intra-op thread per CPU replica, or TensorRT), answers one warm-up batch,
-then serves the API of :mod:`lipdet.deploy.http_api`. Requests from any number of clients are
+(ONNX Runtime with one intra-op thread per CPU replica, or TensorRT), computes the per-anchor
+certificate bounds once from the artifact's twin (:func:`lipdet.deploy.http_api.certificate_bounds`),
+answers one warm-up batch, then serves the API of :mod:`lipdet.deploy.http_api`. Requests from any number of clients are
 merged into engine batches by ``@serve.batch`` (up to ``max_batch`` images, waiting at most
 ``batch_wait_ms`` for a batch to fill). Ray Serve spreads the replicas over the cluster, one CPU
 (``--device cpu``) or one GPU (``--device cuda``) each, and replaces a replica that dies.
@@ -96,9 +97,11 @@ class ServeOptions:
     def start_line(self, backend: Backend) -> str:
         """The one line ``lipdet serve`` prints once the deployment is up."""
         per = "GPU" if self.device == "cuda" else "CPU"
+        cert = "on" if backend.card is not None else "off (no lipdet card)"
         return (f"lipdet serve: {self.url}  {backend.path.name} ({backend.name}, {backend.precision})  "
                 f"replicas {self.replicas} (1 {per} each)  max batch {self.max_batch}, batch wait "
-                f"{self.batch_wait_ms:g} ms  request log {'on' if self.log_requests else 'off'}  (Ctrl-C stops)")
+                f"{self.batch_wait_ms:g} ms  certified radius {cert}  request log "
+                f"{'on' if self.log_requests else 'off'}  (Ctrl-C stops)")
 
 
 def open_backend(model: Path, device: str) -> Backend:
@@ -199,7 +202,8 @@ class DetectorServer:
         try:
             prepared = prepare(decode_image(await read_body(request)), self.service.backend.input_size)
             loc, logits = await self.engine(prepared.tensor)
-            return self.service.detections(loc, logits, prepared)
+            # post-processing and certified radii off the event loop: other requests keep flowing meanwhile
+            return await asyncio.get_running_loop().run_in_executor(None, self.service.detections, loc, logits, prepared)
         except Exception as e:  # every failure is one JSON line; the replica keeps serving
             return _failure(e)
 

@@ -2,7 +2,9 @@
 
 One Ray Serve instance for the module (on the session's Ray cluster), serving a tiny untrained
 model exported in the test (32 px input). Every client call has a timeout; the instance is shut
-down at the end of the module.
+down at the end of the module. The certified radius per detection is checked against the shared
+core computed here (and against PGD on the twin); the models that need no server (an old artifact, a
+naive model, a foreign ONNX) go through the replica's own ModelService in process.
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ import torch
 from PIL import Image
 
 from lipdet.artifacts import save_checkpoint
+from lipdet.boxes import decode
+from lipdet.certificates import AnchorBounds, box_iou_exact, detection_anchors, detection_radii
 from lipdet.deploy.backends import load_backend
-from lipdet.deploy.http_api import card_thresholds
+from lipdet.deploy.http_api import ModelService, card_thresholds
 from lipdet.deploy.images import to_image_boxes, prepare
 from lipdet.io import sha256_file
 from lipdet.postprocess import postprocess
 import test_refusals
+from test_eval_certify import MarginAttack
 from test_refusals import _refused
 from test_serve_images import bad_bodies, encode
 
 SIZE = 32
 TIMEOUT = 30
+FIXTURES = Path(__file__).parent / "fixtures" / "v0.1-main"
+RADIUS_KEYS = {"cls", "box", "radius", "binding"}
 fresh = test_refusals.fresh  # empty cache/runs/cwd and a tripwire on ray.init, as for every command
 
 
@@ -109,6 +116,44 @@ def assert_same_detections(got: list[dict], want: list[dict]) -> None:
         assert np.allclose(g["bbox"], w["bbox"], atol=2e-3)
 
 
+_BOUNDS: dict[Path, AnchorBounds] = {}
+
+
+def core_bounds(model: Path) -> AnchorBounds:
+    """The per-anchor bounds of ``model``, computed here with the shared core (once per file)."""
+    from lipdet.deploy.twin import load_twin
+
+    if model not in _BOUNDS:
+        backend = load_backend(model)
+        _BOUNDS[model] = AnchorBounds.of_model(load_twin(model), backend.priors.shape[0], backend.card.priors.feature_sizes)
+    return _BOUNDS[model]
+
+
+def replica_outputs(model: Path, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Raw outputs and detections of one image as a replica computes them (its ONNX Runtime session on one thread)."""
+    from lipdet.deploy.serve import open_backend
+
+    backend = open_backend(model, "cpu")
+    loc, logits = backend(prepare(img, SIZE).tensor[None])
+    return loc[0], logits[0], postprocess(loc, logits, backend.priors, SIZE, card_thresholds(backend.card))[0]
+
+
+def core_radii(model: Path, img: Image.Image, bounds: AnchorBounds) -> dict:
+    """:func:`lipdet.certificates.detection_radii` of one image, computed here."""
+    loc, logits, dets = replica_outputs(model, img)
+    return detection_radii(loc, logits, load_backend(model).priors, SIZE, dets, bounds)
+
+
+def assert_core_radii(got: list[dict], want: dict) -> None:
+    assert len(got) == len(want["radius"])
+    for j, d in enumerate(got):
+        r = d["certified_radius"]
+        assert set(r) == RADIUS_KEYS and r["binding"] == want["binding"][j] and r["binding"] in ("cls", "box")
+        for key in ("cls", "box", "radius"):
+            assert r[key] == pytest.approx(float(want[key][j]), rel=1e-9, abs=1e-12)
+        assert r["radius"] == min(r["cls"], r["box"]) and r["radius"] >= 0
+
+
 def test_healthz_and_model_card(server, exported):
     status, body = call(f"{server}/healthz")
     assert status == 200 and json.loads(body)["status"] == "ready"
@@ -118,6 +163,11 @@ def test_healthz_and_model_card(server, exported):
     assert info["card"]["model"]["arch"] == "sll-spectral" and info["card"]["lipschitz"]
     assert info["artifact"]["sha256"] == sha256_file(exported) == info["twin"]["sha256"]
     assert info["server"]["max_batch"] == 16 and info["server"]["replicas"] == 2
+    cert = info["certificate"]  # what certified_radius means, and the per-scale bounds behind it
+    assert "IoU >= 0.5 with its clean box" in cert["definition"] and "letterboxed" in cert["definition"]
+    assert set(cert["keys"]) == RADIUS_KEYS and cert["bisection_steps"] >= 1
+    assert [s["feature_size"] for s in cert["per_scale"]] == list(load_backend(exported).card.priors.feature_sizes)
+    assert all(s["trunk"] > 0 and s["cls_anchor_max"] <= s["cls"] * (1 + 1e-9) for s in cert["per_scale"])
     status, onnx = call(f"{server}/v1/model/onnx")
     assert status == 200 and onnx == exported.read_bytes()
 
@@ -129,14 +179,100 @@ def test_detect_answers_what_the_file_gives(server, exported, crops):
     images = [Image.fromarray(c) for c in crops] + [wide]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda im: call(f"{server}/v1/detect", encode(im)), images))
+    bounds = core_bounds(exported)
     for img, (status, body) in zip(images, answers):
         assert status == 200, body
         got = json.loads(body)
         assert got["image"] == {"width": img.width, "height": img.height}
         assert_same_detections(got["detections"], in_process(exported, img))
+        assert_core_radii(got["detections"], core_radii(exported, img, bounds))
         for d in got["detections"]:
             x, y, w, h = d["bbox"]
             assert 0 <= x <= x + w <= img.width and 0 <= y <= y + h <= img.height
+
+
+class BoxAttack:
+    """Attack loss: push one anchor's decoded box away from its clean box (1 - IoU, clipped as post-processing)."""
+
+    def __init__(self, anchor: int, priors: torch.Tensor, clean_box: torch.Tensor) -> None:
+        self.anchor, self.prior, self.clean = anchor, priors[anchor : anchor + 1], clean_box  # (1, 4), (1, 4)
+
+    def per_image(self, loc, logits, targets):
+        return (1 - box_iou_exact(loc[:, self.anchor : self.anchor + 1], self.prior, self.clean))[:, 0].float()
+
+    def batch(self, loc, logits, targets):
+        return self.per_image(loc, logits, targets).sum()
+
+
+def test_pgd_on_the_twin_inside_the_served_radii_changes_nothing(server, exported, crops):
+    """Soundness of the served numbers: PGD on the twin with eps just inside a detection's class radius never
+    changes its anchor's top class, and inside its box radius the anchor's box keeps IoU >= 0.5 with its clean box."""
+    from lipdet.deploy.twin import load_twin
+    from lipdet.eval.attacks import pgd_l2
+
+    twin = load_twin(exported)
+    priors = twin.priors.float()
+    runs, gained = 0, 0.0
+    for i, crop in enumerate(crops[:3]):
+        img = Image.fromarray(crop)
+        status, body = call(f"{server}/v1/detect", encode(img))
+        assert status == 200, body
+        loc, logits, dets = replica_outputs(exported, img)
+        anchors = detection_anchors(loc, logits, priors, SIZE, dets).tolist()
+        x, top = prepare(img, SIZE).tensor[None], logits.argmax(-1)[None]
+        for d, a in list(zip(json.loads(body)["detections"], anchors))[:3]:
+            r = d["certified_radius"]
+            watched = torch.zeros(1, priors.shape[0], dtype=torch.bool)
+            watched[0, a] = True
+            own = decode(loc[a : a + 1], priors[a : a + 1]).clamp(0.0, 1.0)
+            for attack, eps in ((MarginAttack(watched, top), r["cls"]), (BoxAttack(a, priors, own), r["box"])):
+                if not eps or eps <= 0:
+                    continue
+                res = pgd_l2(twin, x, [{}], attack, 0.99 * eps, steps=20, seeds=[i])
+                with torch.no_grad():
+                    adv_loc, adv_logits = twin(res.adv)
+                gained += float(res.loss.sum() - attack.per_image(*twin(x), None).sum())
+                runs += 1
+                if 0.99 * eps < r["cls"]:  # inside the class radius (either attack): the top class holds
+                    assert int(adv_logits[0, a].argmax()) == int(top[0, a])
+                if isinstance(attack, BoxAttack):
+                    assert float(box_iou_exact(adv_loc[:, a : a + 1], priors[a : a + 1], own).min()) >= 0.5
+    assert runs >= 6 and gained > 0  # the attacks ran, and moved their losses
+
+
+def test_certified_radius_of_old_naive_and_foreign_models(tmp_path, crops):
+    """The replica's ModelService in process: the v0.1-main ONNX (old artifacts certify in serve too) and a naive
+    model (unbounded by design: still the field, from the same core; a trained naive's ~1e7 bounds make it ~0)
+    answer the core's radii; a backend without a lipdet card (no twin, no bounds; lipdet serve itself refuses a
+    foreign ONNX, whose input size it cannot know) answers without the field."""
+    import onnx
+
+    from lipdet.deploy.backends import OrtBackend
+    from lipdet.deploy.serve import open_backend
+    from lipdet.models import build_model
+
+    torch.manual_seed(0)
+    naive = build_model("naive", width=0.125, input_size=SIZE).eval()
+    with torch.no_grad():
+        for head in naive.cls_heads.values():
+            head.bn.bias[4::11] += 8.0  # digit 3 (class 4 of 11, every anchor) well above the score threshold
+    bare = onnx.load(str(FIXTURES / "model.onnx"))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "foreign.onnx"))
+    models = [FIXTURES / "model.onnx", save_checkpoint(tmp_path / "naive.pt", naive), tmp_path / "foreign.onnx"]
+    for model in models:
+        card = model.name != "foreign.onnx"
+        service = ModelService.create(open_backend(model, "cpu") if card else OrtBackend(model, "cpu", SIZE, 1), {})
+        answers = [service.detections(*(o[0] for o in service.run(prepare(Image.fromarray(c), SIZE).tensor[None])),
+                                      prepare(Image.fromarray(c), SIZE)) for c in crops[:3]]
+        dets = [d for a in answers for d in a["detections"]]
+        assert dets, model
+        if not card:
+            assert service.info["certificate"] is None and not any("certified_radius" in d for d in dets)
+            continue
+        assert service.info["certificate"]["per_scale"]
+        for c, a in zip(crops[:3], answers):
+            assert_core_radii(a["detections"], core_radii(model, Image.fromarray(c), core_bounds(model)))
 
 
 def test_every_bad_input_is_a_4xx_and_the_next_request_succeeds(server, crops):
