@@ -517,10 +517,10 @@ def box_radius(
     ``L_loc (M,)`` bounds input -> that anchor's four offsets in L2, so they move by at most
     ``L_loc * ||delta||_2``. The bracket's top is a radius where a probed offset already fails
     (:func:`_failing_radius`, ``bracket_iters`` bisection steps), the bisection (``iters`` steps) keeps the
-    invariant "bound >= iou at lo" (a tiny margin of 1e-12 absorbs float64 rounding) and returns ``lo``:
-    fewer steps give a smaller radius, never an unsound one (at most ``2^-iters`` of the bracket below
-    the full bisection's). Returns ``(M,)`` float64 radii: 0 where even a zero budget fails, ``inf``
-    where ``L_loc == 0``.
+    invariant "bound >= iou at lo" (a tiny margin of 1e-12 absorbs float64 rounding) and returns ``lo``: a
+    radius at which the ball's bound was evaluated and held, so any number of steps is sound; fewer steps
+    only stop the bisection earlier, up to ``2^-iters`` of the bracket short of where it converges. Returns
+    ``(M,)`` float64 radii: 0 where even a zero budget fails, ``inf`` where ``L_loc == 0``.
     """
     m = offsets.shape[0]
     if m == 0:
@@ -569,8 +569,8 @@ def detection_anchors(
 
 
 SERVE_BISECTION = 8
-"""Bisection steps of the served box radius (and of its bracket): ~0.4% of the bracket below the 14-step
-radius at most, never above it (:func:`box_radius` returns the bisection's lower end)."""
+"""Bisection steps of the served box radius (and of its bracket): the bisection stops within 2^-8 of its
+bracket (0.5% of eval's 14-step radius at most, measured); its lower end is a radius where the bound held."""
 
 DETECTION_DEFINITION = (
     "Certified L2 radius of one detection, without ground truth. The detection comes from one anchor p (the "
@@ -582,8 +582,8 @@ DETECTION_DEFINITION = (
     "top class t over all logits (background included) is the detection's digit, else 0 (w_i: the rows of W_a^cls). "
     f"box = rho / (T_k * ||W_a^loc||_2), rho the lower end of a {SERVE_BISECTION}-step bisection for the largest L2 "
     "offset radius on which a provable lower bound on the IoU between any box decoded (and clipped to the image) "
-    "from offsets within rho of o and p's own clean box is >= 0.5 (rounded down: never above the exact radius of "
-    "that bound). radius = min(cls, box); binding names the smaller ('cls' on a tie). Units: the L2 norm of a "
+    "from offsets within rho of o and p's own clean box is >= 0.5 (the lower end is a radius where that bound was "
+    "evaluated and held, divided by the constants rounded up). radius = min(cls, box); binding names the smaller ('cls' on a tie). Units: the L2 norm of a "
     "perturbation of the whole 3xSxS model input in [0,1] pixel units, i.e. of the letterboxed, resized image the "
     "server built from the request, not of the client's original pixels. Guarantee (exact arithmetic, the twin's "
     "weights): under any perturbation with ||delta||_2 < cls, p keeps the detection's digit as its top class; with "
