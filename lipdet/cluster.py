@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Iterator
 
 from lipdet.errors import LipdetError
@@ -30,6 +31,22 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """Fail fast (one line, naming ``address``) when a ``HOST:PORT`` Ray address does not answer;
+    ``auto`` and ``local`` pass (Ray resolves them)."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LipdetError(f"address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise LipdetError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__})") from None
 
 
 @contextlib.contextmanager

@@ -17,7 +17,9 @@ from lipdet.train.trainer import (
     DEFAULT_EPOCHS,
     EPOCHS_ENV,
     FAULT_ENV,
+    RESIZE_CHECK_S,
     TrainOptions,
+    WorkerRange,
     default_margin_eps,
     parse_model_options,
     run_training,
@@ -37,7 +39,16 @@ def command(
         None, "--data", help="SVHN format-1 folder (train/ and test/ with digitStruct.mat). "
         "Default: the embedded synthetic SVHN, generated once into the cache.", show_default=False,
     ),
-    workers: int = typer.Option(2, "--workers", "-w", help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU)."),
+    workers: str = typer.Option(
+        "2", "--workers", "-w", metavar="N|MIN..MAX", help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU). "
+        "MIN..MAX is elastic: the run starts once MIN fit, grows to MAX when the cluster has room, and after "
+        "losing a node continues from the last checkpoint with the workers left (global batch kept, see README).",
+    ),
+    resize_check: float = typer.Option(
+        RESIZE_CHECK_S, "--resize-check", metavar="SECONDS",
+        help="Elastic runs (--workers MIN..MAX): seconds between checks for room to grow (growing restarts "
+        "the workers from the last checkpoint).",
+    ),
     gpu: Optional[bool] = typer.Option(
         None, "--gpu/--cpu", help="Train on GPUs (one per worker). (default: --gpu when CUDA is visible)",
         show_default=False,
@@ -133,6 +144,8 @@ def command(
 
         lipdet train --address ray://head:10001 --out s3://bucket/lipdet-runs --workers 8 --gpu
 
+        lipdet train --address head:6379 --out /shared/lipdet-runs --workers 2..8
+
         lipdet train --resume naive-20250101-120000 --epochs 40
 
     Environment: LIPDET_TRAIN_EPOCHS sets the default epoch count (tests use it); LIPDET_RUNS the
@@ -143,7 +156,8 @@ def command(
         TrainOptions(
             arch=arch.value if arch is not None else None,
             data=data,
-            workers=workers,
+            workers=WorkerRange.parse(workers),
+            resize_check_s=resize_check,
             gpu=gpu,
             epochs=epochs,
             batch_size=batch_size,

@@ -85,7 +85,7 @@ def make_progress_sink():
     import ray  # lazy: Ray is heavy / optional
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0, max_restarts=0)(ProgressSink).options(scheduling_strategy=here).remote()
 
 

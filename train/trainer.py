@@ -6,7 +6,8 @@ Order of work in :func:`run_training`:
    :class:`~lipdet.errors.LipdetError`, exit 2) and decides the run folder.
 2. :func:`lipdet.cluster.ray_session` joins ``--address``/``RAY_ADDRESS`` or an already initialised
    Ray, or starts a local cluster sized for the workers (and stops it afterwards).
-3. A ``TorchTrainer`` runs :func:`lipdet.train.loop.train_loop_per_worker` on N workers with
+3. A ``TorchTrainer`` runs :func:`lipdet.train.loop.train_loop_per_worker` on N workers (or an
+   elastic MIN..MAX, :class:`WorkerRange`: after a lost node it goes on with the workers left) with
    ``FailureConfig(max_failures)`` and ``CheckpointConfig(num_to_keep)``; Ray's run storage is
    ``<out>/<name>`` (``RunConfig(storage_path=out, name=name)``), so re-running with the same
    storage path and name -- ``--resume NAME`` -- restores the latest checkpoint.
@@ -22,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import threading
 import time
@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from lipdet.artifacts import save_checkpoint
+from lipdet.cluster import check_address, ray_session
 from lipdet.cluster import first_line as _first_line
-from lipdet.cluster import ray_session
 from lipdet.data.dataset import SVHNDetection, resolve_data
 from lipdet.data.digitstruct import count_records
 from lipdet.data.split import ValSplit
@@ -139,13 +139,73 @@ def parse_model_options(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class WorkerRange:
+    """How many Ray Train workers a run uses: a fixed count (``min == max``) or an elastic range.
+
+    ``lipdet train --workers 2`` is fixed; ``--workers 1..2`` is elastic (Ray Train V2's
+    ``ScalingConfig(num_workers=(min, max))``): the run starts once ``min`` workers fit, grows to
+    ``max`` when the cluster has room (checked every ``resize_check_s``), and after losing a node
+    continues from the last checkpoint with the workers that remain (never fewer than ``min``).
+
+    When the worker count changes, the global batch is kept (each of N workers takes
+    ``batch_size // N`` images a step, :func:`lipdet.train.loop.make_train_loader`) and the learning
+    rate and its schedule are unchanged: an epoch stays the same number of optimizer steps of the
+    same size, so the step-based schedule restored from the checkpoint stays on course and a run
+    that lost nodes optimises as it would have, only slower.
+    """
+
+    min: int
+    max: int
+
+    @classmethod
+    def parse(cls, value: "int | str | WorkerRange") -> "WorkerRange":
+        """``2`` / ``"2"`` -> fixed 2, ``"1..4"`` -> elastic 1 to 4. Raises :class:`LipdetError`
+        naming the parameter (``workers``) for anything else."""
+        if isinstance(value, WorkerRange):
+            return value.check()
+        text = str(value).strip()
+        low, sep, high = text.partition("..")
+        try:
+            lo, hi = (int(low), int(high)) if sep else (int(text),) * 2
+        except ValueError:
+            raise LipdetError(f"workers must be N or MIN..MAX (for example 2 or 1..4), got {text!r}") from None
+        return cls(lo, hi).check()
+
+    def check(self) -> "WorkerRange":
+        """Itself, when ``1 <= min <= max``; else a :class:`LipdetError` naming ``workers``."""
+        if self.min < 1:
+            raise LipdetError(f"workers must be >= 1, got {self}")
+        if self.min > self.max:
+            raise LipdetError(f"workers MIN..MAX needs MIN <= MAX, got {self}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min < self.max
+
+    def num_workers(self) -> "int | tuple[int, int]":
+        """Ray Train's ``ScalingConfig(num_workers=...)``: an int, or ``(min, max)`` when elastic."""
+        return (self.min, self.max) if self.elastic else self.max
+
+    def __str__(self) -> str:
+        return str(self.max) if self.min == self.max else f"{self.min}..{self.max}"
+
+
+RESIZE_CHECK_S = 60.0
+"""Default seconds between an elastic run's checks for room to grow (Ray's
+``elastic_resize_monitor_interval_s``): growing restarts the worker group from the last checkpoint,
+so the work since that checkpoint is redone; checking often only pays on short epochs."""
+
+
 @dataclass
 class TrainOptions:
     """What ``lipdet train`` was asked to do. ``None`` means "default" (or, with ``resume``, "as before")."""
 
     arch: str | None = None
     data: Path | None = None
-    workers: int = 2
+    workers: int | str | WorkerRange = 2  # N, "N" or "MIN..MAX" (WorkerRange.parse)
+    resize_check_s: float = RESIZE_CHECK_S  # elastic runs: seconds between checks for room to grow
     gpu: bool | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -192,7 +252,7 @@ class RunPlan:
     storage_path: str  # RunConfig.storage_path (absolute local path or URI)
     run_dir: Path  # local folder for model.pt, metrics.jsonl, curves.png
     remote: bool
-    workers: int
+    workers: int  # the most workers (a fixed run: the count)
     use_gpu: bool | None  # None: decide from the joined cluster's GPUs
     max_failures: int
     loop: LoopConfig
@@ -201,6 +261,13 @@ class RunPlan:
     previous_history: list[dict[str, Any]] = field(default_factory=list)
     val_images: int = 0  # validation images held out of the train split
     precision: PrecisionChoice | None = None  # the resolved precision and why (None: once the cluster is joined)
+    min_workers: int | None = None  # elastic runs: the fewest workers it trains with (None: fixed)
+    resize_check_s: float = RESIZE_CHECK_S
+
+    @property
+    def worker_range(self) -> WorkerRange:
+        """The run's workers as a :class:`WorkerRange` (fixed unless ``min_workers`` is below ``workers``)."""
+        return WorkerRange(self.min_workers or self.workers, self.workers)
 
 
 @dataclass
@@ -298,21 +365,6 @@ def default_epochs() -> int:
     return value
 
 
-def check_address(address: str, timeout: float = 3.0) -> None:
-    """Fail fast (one line) when a ``host:port`` Ray address does not answer."""
-    if address in ("auto", "local"):
-        return
-    target = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise LipdetError(f"address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise LipdetError(f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__})") from None
-
-
 def _cuda_visible() -> bool:
     try:
         return torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -344,12 +396,15 @@ def plan_run(opts: TrainOptions) -> RunPlan:
     data_root = Path(loop.data_root)
     val_images = check_splits(data_root, loop.input_size, loop.validation)
     run_dir = storage.local if storage.local is not None else runs_root(None) / storage.name
+    workers = WorkerRange.parse(opts.workers)
     return RunPlan(
         name=storage.name,
         storage_path=storage.storage_path,
         run_dir=run_dir,
         remote=storage.remote,
-        workers=opts.workers,
+        workers=workers.max,
+        min_workers=workers.min if workers.elastic else None,
+        resize_check_s=opts.resize_check_s,
         use_gpu=use_gpu,
         max_failures=opts.max_failures,
         loop=loop,
@@ -382,8 +437,9 @@ def resolve_precision(requested: str, use_gpu: bool | None, recorded: str | None
 def _validate_options(opts: TrainOptions) -> bool | None:
     """Refuse bad values, names, addresses and devices; returns ``use_gpu`` (None: the joined
     cluster decides, once Ray is up)."""
-    if opts.workers < 1:
-        raise LipdetError(f"workers must be >= 1, got {opts.workers}")
+    WorkerRange.parse(opts.workers)
+    if not (opts.resize_check_s > 0 and math.isfinite(opts.resize_check_s)):
+        raise LipdetError(f"resize_check_s must be > 0 seconds, got {opts.resize_check_s}")
     if opts.epochs is not None and opts.epochs < 1:
         raise LipdetError(f"epochs must be >= 1, got {opts.epochs}")
     if opts.batch_size is not None and opts.batch_size < 1:
@@ -632,9 +688,12 @@ def check_resources(workers: int, use_gpu: bool) -> None:
 
 
 def format_epoch(rec: dict[str, Any]) -> str:
-    """One progress line per epoch."""
+    """One progress line per epoch: ``epoch 2/6  2 workers  loss ...`` (the workers that trained it)."""
+    workers = rec.get("workers", rec.get("world_size"))
     return (
-        f"epoch {rec['epoch']}/{rec.get('epochs', '?')}  loss {rec['loss']:.3f} "
+        f"epoch {rec['epoch']}/{rec.get('epochs', '?')}  "
+        + (f"{workers} worker{'s' if workers != 1 else ''}  " if workers is not None else "")
+        + f"loss {rec['loss']:.3f} "
         f"(loc {rec['loc']:.3f} cls {rec['cls']:.3f})  val map_50 {rec['val_map_50']:.3f}  "
         f"{rec['images_per_s']:.0f} img/s  lr {rec['lr']:.2e}"
         + (f"  [resumed from epoch {rec['resumed_from']}]" if rec.get("resumed_from") is not None else "")
@@ -691,7 +750,7 @@ class ProgressMonitor:
     def handle(self, ev: dict[str, Any]) -> None:
         kind = ev.get("kind")
         if kind == "start":
-            self.world_size = ev.get("world_size")
+            before, self.world_size = self.world_size, ev.get("world_size")
             start = int(ev.get("start_epoch") or 0)
             # A restarted attempt: forget epochs after its checkpoint (they will be redone).
             self.records = {e: r for e, r in self.records.items() if e <= start}
@@ -703,6 +762,8 @@ class ProgressMonitor:
             )
             if ev.get("resumed_from") is not None:
                 msg += f"; resuming after epoch {ev['resumed_from']}"
+            if before is not None and before != self.world_size:
+                msg = f"worker group resized {before} -> {self.world_size}: " + msg
             self._echo(msg)
         elif kind == "step":
             self._step(ev)
@@ -719,7 +780,8 @@ class ProgressMonitor:
         if self._bar is None or getattr(self._bar, "_lipdet_epoch", None) != ev["epoch"]:
             self._close_bar()
             self._bar = tqdm(
-                total=int(ev["steps"]), desc=f"epoch {ev['epoch']}/{self.epochs}", file=sys.stderr,
+                total=int(ev["steps"]), desc=f"epoch {ev['epoch']}/{self.epochs} ({self.world_size or '?'}w)",
+                file=sys.stderr,
                 leave=False, dynamic_ncols=True, disable=None,
             )
             self._bar._lipdet_epoch = ev["epoch"]
@@ -778,7 +840,7 @@ def build_trainer(plan: RunPlan, progress_sink: Any = None, train_fn: Callable |
         train_fn or train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu),
+        scaling_config=_scaling_config(ScalingConfig, plan),
         run_config=RunConfig(
             name=plan.name,
             storage_path=plan.storage_path,
@@ -787,6 +849,14 @@ def build_trainer(plan: RunPlan, progress_sink: Any = None, train_fn: Callable |
             **logging_kw,
         ),
     )
+
+
+def _scaling_config(scaling_cls: type, plan: RunPlan) -> Any:
+    """Ray Train's ``ScalingConfig`` for the plan's workers: fixed, or elastic ``(min, max)`` checking
+    for room to grow every ``plan.resize_check_s`` seconds (Ray Train V2)."""
+    workers = plan.worker_range
+    elastic = {"elastic_resize_monitor_interval_s": plan.resize_check_s} if workers.elastic else {}
+    return scaling_cls(num_workers=workers.num_workers(), use_gpu=plan.use_gpu, **elastic)
 
 
 def run_training(opts: TrainOptions, echo: Callable[[str], None] | None = None) -> TrainResult:
@@ -822,6 +892,7 @@ def _write_run_record(plan: RunPlan, storage: RunStorage) -> None:
         "storage": storage.describe(),
         "loop": {k: v for k, v in plan.loop.to_dict().items() if k != "fault"},
         "workers": plan.workers,
+        "min_workers": plan.worker_range.min,
         "use_gpu": plan.use_gpu,
     }
     storage.write_bytes(RUN_FILE, json.dumps(run_record, indent=2, sort_keys=True).encode())
@@ -834,12 +905,20 @@ def _start_line(plan: RunPlan, storage: RunStorage) -> str:
     what = "resuming" if plan.resumed else "training"
     return (
         f"{what} {plan.loop.arch} (width {plan.loop.width:g}) for {plan.loop.epochs} epochs on "
-        f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {plan.workers} worker(s), "
+        f"{'synthetic SVHN' if plan.loop.synthetic else plan.data_root}: {_workers_text(plan)}, "
         f"{ {True: 'GPU', False: 'CPU', None: 'GPU if the cluster has them'}[plan.use_gpu] }, "
         f"{_precision_text(plan)}, batch {plan.loop.batch_size}, "
         f"lr {plan.loop.lr:g}, seed {plan.loop.seed}{_extras(plan.loop)}; "
         f"{plan.loop.validation.describe(plan.val_images)} -> {storage.describe()}"
     )
+
+
+def _workers_text(plan: RunPlan) -> str:
+    """``2 worker(s)``, or ``1..2 workers (elastic: grows when the cluster has room, checked every 60 s)``."""
+    workers = plan.worker_range
+    if not workers.elastic:
+        return f"{workers} worker(s)"
+    return f"{workers} workers (elastic: grows when the cluster has room, checked every {plan.resize_check_s:g} s)"
 
 
 def _precision_text(plan: RunPlan) -> str:
@@ -861,14 +940,14 @@ def _settle_devices(plan: RunPlan) -> bool:
     resolved here (the caller records and prints it)."""
     late = False
     if plan.use_gpu is None:
-        plan.use_gpu = cluster_gpus() >= plan.workers
+        plan.use_gpu = cluster_gpus() >= plan.worker_range.min
         plan.loop.use_gpu = plan.use_gpu
         if plan.loop.precision == "fp16" and not plan.use_gpu:
             raise LipdetError("precision fp16 needs a GPU and the Ray cluster has too few for the workers")
         if plan.precision is None:
             plan.precision = resolve_precision(plan.loop.precision, plan.use_gpu)
             plan.loop.precision, late = plan.precision.precision, True
-    check_resources(plan.workers, plan.use_gpu)
+    check_resources(plan.worker_range.min, plan.use_gpu)
     return late
 
 
@@ -934,6 +1013,7 @@ def finish_run(plan: RunPlan, storage: RunStorage, state: dict[str, Any], second
         "metrics": last,
         "train": {
             "workers": plan.workers,
+            "min_workers": plan.worker_range.min,
             "gpu": plan.use_gpu,
             "precision": plan.loop.precision,
             "batch_size": plan.loop.batch_size,
@@ -979,6 +1059,7 @@ __all__ = [
     "RunStorage",
     "TrainOptions",
     "TrainResult",
+    "WorkerRange",
     "build_trainer",
     "check_address",
     "default_epochs",
