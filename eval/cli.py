@@ -70,6 +70,10 @@ def command(
         "(image ids, file names) goes beside it as NAME.gt.json, so pycocotools scores the pair as it is."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write an offline HTML report (index.html + PNGs) into this folder."),
     workers: int = typer.Option(1, "--workers", help="Shard over N Ray workers (same numbers as 1)."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="With --workers N: shard over this Ray cluster (HOST:PORT, ray://HOST:PORT or auto; "
+        "every node reads the same model and data paths). (default: $RAY_ADDRESS, else a local Ray)",
+        show_default=False),
     seed: int = typer.Option(0, "--seed", help="Attack seed (per image index: reproducible for any --workers)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Input side for an ONNX file without a lipdet model card."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N images only."),
@@ -97,6 +101,8 @@ def command(
 
       lipdet eval model.pt --eps-sweep 0,0.25,0.5,1 --workers 2 --report report/
 
+      lipdet eval model.pt --workers 8 --address head:6379   # sharded over a running Ray cluster
+
       lipdet eval foreign.onnx --input-size 74 --data svhn/
 
       lipdet eval http://127.0.0.1:8000 --pgd --blackbox square   # the live lipdet serve endpoint
@@ -108,7 +114,7 @@ def command(
         split=split, batch_size=batch_size, pgd=pgd, eps=eps, steps=steps, alpha=alpha, restarts=restarts,
         attack_loss=attack_loss.value, blackbox=blackbox.value if blackbox is not None else None, queries=queries,
         eps_sweep=parse_eps_list(eps_sweep) if eps_sweep else (), certify=certify, seed=seed,
-        input_size=input_size, limit=limit, workers=workers, twin_tol=twin_tol, twin=str(twin) if twin else None, device=device.value,
+        input_size=input_size, limit=limit, workers=workers, address=address, twin_tol=twin_tol, twin=str(twin) if twin else None, device=device.value,
     ).validate()
     outputs = ResultFiles(json=json_out, detections=save_detections, report=report).check()
     result = evaluate(target, data=data, settings=settings, progress=progress)

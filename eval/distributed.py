@@ -34,7 +34,7 @@ class _ShardWorker:
 
         from lipdet.eval.evaluate import Evaluator
 
-        self.ev = Evaluator(model, Path(data_root), replace(settings, workers=1), bounds=bounds)
+        self.ev = Evaluator(model, Path(data_root), replace(settings, workers=1, address=None), bounds=bounds)
 
     def ready(self) -> bool:
         return True
@@ -70,7 +70,7 @@ def run_sharded(
     from ray.util import ActorPool
 
     workers = max(1, min(int(settings.workers), len(batches)))
-    with ray_session(num_cpus=workers):
+    with ray_session(settings.address, num_cpus=workers):
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1.0))
         use_gpu = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lipdet.cluster import check_address
 from lipdet.data.dataset import SVHNDetection, detection_collate, resolve_data, resolve_training_data
 from lipdet.device import resolve_device
 from lipdet.errors import LipdetError
@@ -76,6 +77,8 @@ class EvalSettings:
         input_size: input side for artifacts without a model card.
         limit: evaluate the first ``limit`` images only.
         workers: Ray workers (1 = in this process).
+        address: with ``workers`` > 1, the Ray cluster to shard over (``HOST:PORT``, ``ray://HOST:PORT``
+            or ``auto``); None = ``$RAY_ADDRESS``, else a local Ray started for the call.
         twin_tol: max |twin - engine| on clean raw outputs; None = ``lipdet.deploy.twin``'s default
             for the engine's precision (relative to the outputs' magnitude).
         device: ``auto`` | ``cpu`` | ``cuda`` for the backend and the twin.
@@ -102,6 +105,7 @@ class EvalSettings:
     input_size: int | None = None
     limit: int | None = None
     workers: int = 1
+    address: str | None = None
     twin_tol: float | None = None
     device: str = "auto"
     twin: str | None = None
@@ -134,6 +138,10 @@ class EvalSettings:
             raise LipdetError(f"limit must be >= 1, got {self.limit}")
         if self.workers < 1:
             raise LipdetError(f"workers must be >= 1, got {self.workers}")
+        if self.address is not None:
+            if self.workers < 2:
+                raise LipdetError("address is for sharded evaluation: give workers >= 2 (one worker runs here)")
+            check_address(self.address)
         if self.input_size is not None and self.input_size < 8:
             raise LipdetError(f"input_size must be >= 8, got {self.input_size}")
         if self.device not in ("auto", "cpu", "cuda"):

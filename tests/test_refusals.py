@@ -83,6 +83,11 @@ def _onnx_without_card(path: Path) -> Path:
         (["--val-fraction", "1.5"], "fraction must be > 0 and < 1, got 1.5"),
         (["--val-count", "0"], "count must be >= 1, got 0"),
         (["--val-count", "1000000"], "holds out 1000000 images, but the train split has only"),
+        (["--workers", "2..1"], "workers MIN..MAX needs MIN <= MAX, got 2..1"),
+        (["--workers", "0..2"], "workers must be >= 1, got 0..2"),
+        (["--workers", "1-2"], "workers must be N or MIN..MAX (for example 2 or 1..4), got '1-2'"),
+        (["--workers", "1..2..3"], "workers must be N or MIN..MAX"),
+        (["--workers", "1..2", "--resize-check", "0"], "resize_check_s must be > 0 seconds, got 0.0"),
     ],
 )
 def test_train_refuses_before_data_ray_or_files(args, message, fresh, capsys):
@@ -118,6 +123,8 @@ def test_export_of_a_corrupt_checkpoint_refuses_before_data(fresh, capsys):
         (["{card}", "--input-size", "74", "--pgd"], "needs the artifact's lipdet model card"),
         (["{card}", "--input-size", "74", "--certify"], "needs the artifact's lipdet model card"),
         (["{card}", "--json", "no-such-folder/r.json"], "does not exist"),
+        (["{card}", "--workers", "2", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+        (["{card}", "--address", "127.0.0.1:1"], "address is for sharded evaluation: give workers >= 2"),
         pytest.param(["{card}", "--input-size", "74", "--device", "cuda"], "CUDA", marks=NEEDS_NO_GPU),
     ],
 )
