@@ -45,7 +45,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 90
 RUN_TIMEOUT_S = 240
-EPOCHS = 12  # enough for node 2 to come back (a `ray start`, a resize check, a restart) before the end
+EPOCHS = 24
+"""Enough for node 2 to come back before the end (a `ray start`, a resize check and a restart: 15-25 s,
+while the one worker left takes 1-2 s an epoch on an idle 2-core machine, 5-10 s on a loaded one)."""
 CLUSTER_ENV = {
     # Fast node-death detection (defaults: 3 s x 5 misses), so the run shrinks in seconds.
     "RAY_health_check_period_ms": "1000",
@@ -252,12 +254,12 @@ def _lipdet_env(cluster: TwoNodeCluster) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def svhn(tmp_path_factory) -> Path:
-    """180 train images (+20 held out for validation), 16 test: epochs of a few seconds, so node 2
-    can be stopped in the middle of one."""
+    """360 train images (+40 held out for validation), 16 test: epochs of seconds, so node 2 can be
+    stopped in the middle of one."""
     from lipdet.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("mn-svhn")
-    synthesize(root, 200, 16, 0, progress=False)
+    synthesize(root, 400, 16, 0, progress=False)
     return root
 
 
