@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from lipdet.certificates import AnchorBounds, anchor_radii, binding_of, detection_anchors
+from lipdet.certificates import AnchorBounds, anchor_radii, binding_of, box_iou_exact, detection_anchors
 
 CERTIFIED_DEFINITION = (
     "Certified object share at eps. For each ground-truth object g we take the deployed engine's clean "
@@ -58,17 +58,18 @@ def certify_image(
         dets: its post-processed detections; ``target``: ``{"boxes" (K, 4) input px, "labels" (K,)}``.
 
     Returns:
-        ``{"detected": (K,) bool, "radius": (K,) float64, "r_cls": (K,), "r_box": (K,), "binding": [K str]}``:
-        whether g is detected correctly, the best certified radius over its correct detections (0 if none
-        is certifiable), that detection's class and box radii, and which of them binds: ``"cls"``
-        (``r_cls <= r_box``), ``"box"``, or ``"none"`` (not detected, or no anchor traced).
+        ``{"detected": (K,) bool, "radius": (K,) float64, "r_cls": (K,), "r_box": (K,), "binding": [K str],
+        "anchor": (K,) long}``: whether g is detected correctly, the best certified radius over its correct
+        detections (0 if none is certifiable), that detection's class and box radii, which of them binds:
+        ``"cls"`` (``r_cls <= r_box``), ``"box"``, or ``"none"`` (not detected, or no anchor traced), and the
+        prior index that gave the radius (``-1``: none).
     """
     gt = target["boxes"].float()
     labels = target["labels"].long()
     k = gt.shape[0]
     out: dict[str, Any] = {"detected": torch.zeros(k, dtype=torch.bool), "radius": torch.zeros(k, dtype=torch.float64),
                            "r_cls": torch.zeros(k, dtype=torch.float64), "r_box": torch.zeros(k, dtype=torch.float64),
-                           "binding": ["none"] * k}
+                           "binding": ["none"] * k, "anchor": torch.full((k,), -1, dtype=torch.long)}
     if k == 0 or dets["boxes"].shape[0] == 0:
         return out
     ious = box_iou(dets["boxes"].float(), gt)  # (D, K)
@@ -86,7 +87,7 @@ def certify_image(
         gi = int(g_idx[j])
         if out["binding"][gi] == "none" or float(r[j]) > float(out["radius"][gi]):
             out["radius"][gi], out["r_cls"][gi], out["r_box"][gi] = r[j], r_cls[j], r_box[j]
-            out["binding"][gi] = binding[j]
+            out["binding"][gi], out["anchor"][gi] = binding[j], a[j]
     return out
 
 
@@ -126,3 +127,28 @@ def binding_summary(certs: Sequence[dict[str, Any]], grid: Sequence[float]) -> d
                       "failed_cls": int((failed & (code == 0)).sum()), "failed_box": int((failed & (code == 1)).sum())})
     return {"binding": {b: binding.count(b) for b in ("cls", "box", "none")},
             "median_r_cls_detected": median(r_cls), "median_r_box_detected": median(r_box), "binding_curve": curve}
+
+
+def certified_objects(cert: dict[str, Any], target: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The objects of one image certified at a radius > 0, from :func:`certify_image`'s ``cert``.
+
+    Returns ``(radius (M,) float64, anchor (M,) long, label (M,) long digit, box (M, 4) input-px xyxy)``.
+    """
+    keep = cert["detected"] & (cert["radius"] > 0) & (cert["anchor"] >= 0)
+    return cert["radius"][keep], cert["anchor"][keep], target["labels"].long()[keep], target["boxes"].float()[keep]
+
+
+def flipped(loc: Tensor, logits: Tensor, priors: Tensor, input_size: int, anchors: Tensor, labels: Tensor,
+            boxes: Tensor, iou: float = 0.5) -> Tensor:
+    """``(M,)`` bool: the certified statement fails at these raw outputs of one image.
+
+    ``loc (P, 4)``, ``logits (P, C)`` raw outputs; ``anchors (M,)`` prior indices, ``labels (M,)`` digits,
+    ``boxes (M, 4)`` ground truth in input px. An object flips when its anchor's top class over all logits
+    (background included) is not its digit, or its anchor's decoded box (clipped to the image) has IoU
+    ``< iou`` with the ground truth: exactly what :data:`CERTIFIED_DEFINITION` guarantees inside the radius.
+    """
+    if anchors.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    top = logits[anchors].argmax(dim=-1)
+    ious = box_iou_exact(loc[anchors], priors[anchors], boxes.double() / input_size)
+    return (top != labels.long() + 1) | (ious < iou)

@@ -65,6 +65,8 @@ def command(
     queries: int = typer.Option(100, "--queries", help="Black-box query budget per image."),
     eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", help="Comma-separated radii for the mAP-vs-eps curve, e.g. 0,0.25,0.5,1."),
     certify: bool = typer.Option(False, "--certify", help="Certified object share at --eps from the artifact's Lipschitz bounds."),
+    quant_check: bool = typer.Option(True, "--quant-check/--no-quant-check", help="With --certify on an fp16/int8 "
+        "engine: PGD inside each certified object's radius, replayed on the engine, flips counted (skipped for fp32)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results as one JSON object."),
     save_detections: Optional[Path] = typer.Option(None, "--save-detections", help="Clean detections, COCO results format, original-image pixels; the matching COCO ground truth "
         "(image ids, file names) goes beside it as NAME.gt.json, so pycocotools scores the pair as it is."),
@@ -113,7 +115,7 @@ def command(
     settings = EvalSettings(
         split=split, batch_size=batch_size, pgd=pgd, eps=eps, steps=steps, alpha=alpha, restarts=restarts,
         attack_loss=attack_loss.value, blackbox=blackbox.value if blackbox is not None else None, queries=queries,
-        eps_sweep=parse_eps_list(eps_sweep) if eps_sweep else (), certify=certify, seed=seed,
+        eps_sweep=parse_eps_list(eps_sweep) if eps_sweep else (), certify=certify, quant_check=quant_check, seed=seed,
         input_size=input_size, limit=limit, workers=workers, address=address, twin_tol=twin_tol, twin=str(twin) if twin else None, device=device.value,
     ).validate()
     outputs = ResultFiles(json=json_out, detections=save_detections, report=report).check()

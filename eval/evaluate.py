@@ -44,7 +44,9 @@ from lipdet.eval.attacks import (
     worst_per_image,
 )
 from lipdet.certificates import AnchorBounds
-from lipdet.eval.certify import CERTIFIED_DEFINITION, binding_summary, certified_share, certify_image
+from lipdet.eval.certify import (
+    CERTIFIED_DEFINITION, binding_summary, certified_objects, certified_share, certify_image, flipped,
+)
 from lipdet.metrics import DetectionMAP
 from lipdet.parity import agreement, max_abs_per_image
 from lipdet.postprocess import PostprocessConfig, postprocess
@@ -73,6 +75,9 @@ class EvalSettings:
         queries: query budget per image of the black-box attack.
         eps_sweep: radii for the adversarial-mAP curve (one PGD per radius).
         certify: compute per-anchor certificates and the certified object share at ``eps``.
+        quant_check: with ``certify`` on an engine whose precision is not fp32 (fp16 / int8 ONNX, TensorRT
+            plans), attack every certified object inside its own radius and count flips on the engine
+            (:meth:`Evaluator._quant_check`); skipped, with the reason in the JSON, for fp32 engines.
         seed: attack seed (per image index, so independent of batching and workers).
         input_size: input side for artifacts without a model card.
         limit: evaluate the first ``limit`` images only.
@@ -101,6 +106,7 @@ class EvalSettings:
     queries: int = 100
     eps_sweep: tuple[float, ...] = ()
     certify: bool = False
+    quant_check: bool = True
     seed: int = 0
     input_size: int | None = None
     limit: int | None = None
@@ -235,6 +241,7 @@ class ImageRecord:
     square: Dets | None = None
     loss: dict[str, float] = field(default_factory=dict)
     cert: dict[str, Any] | None = None  # lipdet.eval.certify.certify_image's result
+    quant: dict[str, Any] | None = None  # Evaluator._quant_check's per-image counts
     image: Tensor | None = None
     adv_image: Tensor | None = None
 
@@ -491,7 +498,43 @@ class Evaluator:
             for j, r in enumerate(records):
                 r.cert = certify_image(b.clean_out[0][j], b.clean_out[1][j], self.priors, self.input_size,
                                        clean_dets[j], b.gt[j], self.anchor_bounds)
+            if quant_skip_reason(s, self.precision) is None:
+                for j, r in enumerate(records):
+                    r.quant = self._quant_check(b, j, r)
         return records
+
+    def _quant_check(self, b: "_Batch", j: int, r: ImageRecord) -> dict[str, Any]:
+        """Attack image ``j`` of ``b`` inside its certified objects' radii; count flips on engine and twin.
+
+        ``eps_i`` = (smallest certified radius among the image's objects with radius > 0) * (1 - 1e-6), capped
+        at ``sqrt(3) * S`` (no perturbation of an image in [0, 1] is longer); PGD with every loss of
+        ``--attack-loss`` (``steps``, ``restarts``, alpha ``2.5 * eps_i / steps``) through the twin, each
+        adversarial image replayed on the engine. An object flips (:func:`~lipdet.eval.certify.flipped`) if it
+        does for any loss. Returns ``{"checked", "flipped_engine", "flipped_twin": int, "max_logit_gap": float}``
+        (the gap: max |engine - twin| over the checked anchors' logits on the adversarial images; None if none).
+        """
+        s = self.settings
+        assert r.cert is not None and self.twin is not None
+        radius, anchors, labels, boxes = certified_objects(r.cert, b.gt[j])
+        out: dict[str, Any] = {"checked": int(radius.numel()), "flipped_engine": 0, "flipped_twin": 0,
+                               "max_logit_gap": None}
+        if radius.numel() == 0:
+            return out
+        eps = min(float(radius.min()) * (1 - 1e-6), math.sqrt(3.0) * self.input_size)
+        flip_eng = torch.zeros(radius.numel(), dtype=torch.bool)
+        flip_twin = torch.zeros_like(flip_eng)
+        gap = 0.0
+        for name, loss in self.pgd_losses.items():
+            res = pgd_l2(self.twin_fn, b.images[j : j + 1].to(self.device), [b.gt[j]], loss, eps, s.steps,
+                         restarts=s.restarts, seeds=[image_seed(s.seed, r.index, f"quant:{name}")])
+            assert res.outputs is not None
+            eng = self.engine(res.adv.detach().float().cpu())
+            flip_eng |= flipped(eng[0][0], eng[1][0], self.priors, self.input_size, anchors, labels, boxes)
+            flip_twin |= flipped(res.outputs[0][0], res.outputs[1][0], self.priors, self.input_size, anchors, labels,
+                                 boxes)
+            gap = max(gap, float((eng[1][0][anchors] - res.outputs[1][0][anchors]).abs().max()))
+        out.update(flipped_engine=int(flip_eng.sum()), flipped_twin=int(flip_twin.sum()), max_logit_gap=gap)
+        return out
 
     def _pgd(self, b: "_Batch", eps: float, tag: str, name: str) -> _Attacked:
         """PGD on the twin with loss ``name`` at ``eps``, replayed on the engine (one candidate of an ensemble)."""
@@ -795,8 +838,58 @@ def summarise(
             },
             "definition": CERTIFIED_DEFINITION,
             **binding_summary([r.cert for r in records if r.cert is not None], grid),
+            "quantised_check": quantised_summary(records, s, str(backend_info.get("precision") or "fp32")),
         }
     return summary
+
+
+QUANT_EPS_RULE = ("per image: eps_i = (smallest certified radius among the image's objects certified at a radius "
+                  "> 0) * (1 - 1e-6), so every such object is attacked inside its own radius")
+
+
+def quant_skip_reason(s: EvalSettings, precision: str) -> str | None:
+    """Why the quantisation check does not run for these settings and engine precision (None: it runs)."""
+    if not s.certify:
+        return "no --certify"
+    if not s.quant_check:
+        return "--no-quant-check"
+    if precision == "fp32":
+        return ("fp32 engine: only fp16/int8 engines are checked (fp32 engine rounding is not covered by the "
+                "certificate either, see README 'What is certified')")
+    return None
+
+
+def quantised_summary(records: list[ImageRecord], s: EvalSettings, precision: str) -> dict[str, Any]:
+    """``certify.quantised_check``: certified objects attacked inside their radius, flips on engine / twin.
+
+    Keys ``engine_precision``, ``objects_checked``, ``flipped_engine``, ``flipped_twin``, ``max_logit_gap`` (max
+    |engine - twin| logit of a checked anchor on the adversarial images), ``eps_rule``, ``attack``, ``skipped``
+    (the reason, or None; when skipped the counts are None).
+    """
+    skipped = quant_skip_reason(s, precision)
+    q = [r.quant for r in records if r.quant is not None]
+    gaps = [g["max_logit_gap"] for g in q if g["max_logit_gap"] is not None]
+    return {
+        "engine_precision": precision,
+        "objects_checked": None if skipped else sum(g["checked"] for g in q),
+        "flipped_engine": None if skipped else sum(g["flipped_engine"] for g in q),
+        "flipped_twin": None if skipped else sum(g["flipped_twin"] for g in q),
+        "max_logit_gap": max(gaps) if gaps else None,
+        "eps_rule": QUANT_EPS_RULE,
+        "attack": {"method": "pgd_l2 through the twin, replayed on the engine", "losses": list(attack_losses(s.attack_loss)),
+                   "steps": s.steps, "restarts": s.restarts, "alpha": "2.5 * eps_i / steps"},
+        "skipped": skipped,
+    }
+
+
+def quant_line(q: dict[str, Any] | None) -> str | None:
+    """The one line on the quantisation check (closing lines and report), or None without a check."""
+    if not q:
+        return None
+    if q.get("skipped"):
+        return f"{q['engine_precision']} engine: quantisation check skipped ({q['skipped']})"
+    return (f"{q['engine_precision']} engine: {q['flipped_engine']} of {q['objects_checked']} certified objects "
+            f"flipped inside their radius (twin: {q['flipped_twin']})")
 
 
 def _pgd_summary(records: list[ImageRecord], s: EvalSettings, clean: dict[str, Any]) -> dict[str, Any]:

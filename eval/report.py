@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lipdet.errors import LipdetError
-from lipdet.eval.evaluate import EvalResult
+from lipdet.eval.evaluate import EvalResult, quant_line
 from lipdet.io import atomic_path, write_text_atomic
 
 UPSCALE = 4
@@ -214,6 +214,7 @@ def _certificate_section(cert: dict[str, Any] | None) -> str:
     if not cert:
         return ""
     out = f"<h2>Certificates</h2><p>{html.escape(cert['definition'])}</p>"
+    out += f"<p>{html.escape(quant_line(cert.get('quantised_check')) or '')}</p>" if cert.get("quantised_check") else ""
     curve, counts = cert.get("binding_curve"), cert.get("binding")
     if not curve or not counts:  # results written before binding was reported
         return out

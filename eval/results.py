@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lipdet.errors import LipdetError
-from lipdet.eval.evaluate import EvalResult, ground_truth_path, seed_row
+from lipdet.eval.evaluate import EvalResult, ground_truth_path, quant_line, seed_row
 from lipdet.eval.report import ensure_lipschitz, write_report
 from lipdet.io import write_text_atomic
 
@@ -69,5 +69,8 @@ def result_lines(s: dict[str, Any]) -> list[str]:
         c = s["certify"]
         lines.append(f"certify: {c['objects']} objects, detected {100 * c['detected_share']:.2f}%, "
                      f"certified at eps {c['eps']:g}: {100 * c['certified_share']:.2f}%")
+        q = quant_line(c.get("quantised_check"))
+        if q:
+            lines.append(q)
     lines.append(seed_row(s))
     return lines

@@ -264,6 +264,8 @@ def test_cli_json_report_and_detections(env, tmp_path):
     assert res["sweep"][0]["map_50"] == res["clean"]["map_50"] and res["sweep"][1]["map_50"] == res["pgd"]["map_50"]
     assert 0 <= res["certify"]["certified_share"] <= res["certify"]["detected_share"] <= 1
     assert "IoU >= 0.5" in res["certify"]["definition"]
+    assert res["certify"]["quantised_check"]["skipped"].startswith("fp32 engine")
+    assert "fp32 engine: quantisation check skipped (fp32 engine" in stdout
     assert res["blackbox"]["queries"] == 4 and res["blackbox"]["mean_loss_adv"] >= res["blackbox"]["mean_loss_clean"]
 
     saved = json.loads(dets.read_text())
@@ -365,3 +367,41 @@ def test_default_data_is_the_training_data_else_embedded_synthetic(env, tmp_path
     moved = save_checkpoint(tmp_path / "moved.pt", env["model"], meta={"data": {"root": str(tmp_path / "gone")}})
     r = evaluate(moved, settings=EvalSettings(limit=2), log=quiet)
     assert r.summary["data"]["source"].startswith("embedded synthetic data") and r.summary["data"]["images"] == 2
+
+
+def test_quantised_check_attacks_certified_objects_inside_their_radius(env, tmp_path):
+    """int8 engine + --certify: every certified object (radius > 0) is attacked inside its own radius through
+    the twin and replayed on the engine; the twin never flips (that would break the certificate); the counts
+    add up; the closing line and the report's line say it. An fp32 ONNX is skipped with its reason."""
+    from lipdet.eval.attacks import attack_losses
+    from lipdet.eval.report import write_report
+    from lipdet.eval.results import result_lines
+
+    st = EvalSettings(certify=True, steps=3, attack_loss="ensemble", batch_size=16)
+    res = evaluate(env["int8"], settings=st, log=lambda m: None)
+    q = res.summary["certify"]["quantised_check"]
+    assert set(q) >= {"engine_precision", "objects_checked", "flipped_engine", "flipped_twin", "max_logit_gap",
+                      "eps_rule", "attack"}
+    assert q["engine_precision"] == "int8" and q["skipped"] is None
+    certified = sum(int(((r.cert["radius"] > 0) & r.cert["detected"]).sum()) for r in res.records)
+    assert q["objects_checked"] == certified > 0
+    assert q["flipped_twin"] == 0
+    assert 0 <= q["flipped_engine"] <= q["objects_checked"] and q["max_logit_gap"] >= 0
+    assert q["attack"]["losses"] == list(attack_losses("ensemble")) and q["attack"]["steps"] == 3
+    line = f"int8 engine: {q['flipped_engine']} of {q['objects_checked']} certified objects flipped inside their radius (twin: 0)"
+    assert line in result_lines(res.summary)
+    json.dumps(res.to_dict())
+    report = write_report(res, tmp_path / "report")
+    assert line in Path(report).read_text()
+
+    fp = evaluate(env["onnx"], settings=dataclasses.replace(st, limit=2), log=lambda m: None)
+    q32 = fp.summary["certify"]["quantised_check"]
+    assert q32["engine_precision"] == "fp32" and "fp32 engine" in q32["skipped"] and q32["objects_checked"] is None
+    assert all(r.quant is None for r in fp.records)
+
+    out = tmp_path / "off.json"
+    code, _, stderr = run_cli(["eval", str(env["int8"]), "--certify", "--no-quant-check", "--limit", "2",
+                               "--json", str(out), "--no-progress"])
+    assert code == 0, stderr
+    off = json.loads(out.read_text())["certify"]["quantised_check"]
+    assert off["skipped"] == "--no-quant-check" and off["objects_checked"] is None

@@ -21,7 +21,7 @@ from lipdet.certificates import (
     iou_lower_bound_l2,
     sphere_corners,
 )
-from lipdet.eval.certify import certified_share, certify_image
+from lipdet.eval.certify import certified_objects, certified_share, certify_image, flipped
 from lipdet.models import build_model, fold_model
 from lipdet.models.lipschitz import head_bounds
 from lipdet.postprocess import PostprocessConfig, postprocess
@@ -231,7 +231,17 @@ def test_certify_image_on_hand_made_outputs():
     assert detection_anchors(loc, logits, priors, S, dets).tolist() == [5]
     bounds = AnchorBounds.from_head_bounds({"loc": 1.0, "cls": 2.0, "per_scale": []}, p)
     cert = certify_image(loc, logits, priors, S, dets, target, bounds)
-    assert cert["detected"].tolist() == [True]
+    assert cert["detected"].tolist() == [True] and cert["anchor"].tolist() == [5]
+    radius, anchors, labels, boxes = certified_objects(cert, target)
+    assert anchors.tolist() == [5] and labels.tolist() == [7] and float(radius[0]) == float(cert["radius"][0])
+    # The quantisation check's flip test: clean outputs hold; another top class or a moved box flips.
+    assert flipped(loc, logits, priors, S, anchors, labels, boxes).tolist() == [False]
+    other = logits.clone()
+    other[5, 3] = 7.0
+    assert flipped(loc, other, priors, S, anchors, labels, boxes).tolist() == [True]
+    moved = loc.clone()
+    moved[5, :2] = 4.0  # centre shifted by 4 * 0.1 prior widths per axis: IoU ~0.3 < 0.5
+    assert flipped(moved, logits, priors, S, anchors, labels, boxes).tolist() == [True]
     r_cls = 4.0 / (math.sqrt(2) * 2.0)
     r_box = float(box_radius(loc[5:6], priors[5:6], gt_box / S, torch.tensor([1.0]))[0])
     assert float(cert["radius"][0]) == pytest.approx(min(r_cls, r_box))
@@ -246,3 +256,4 @@ def test_certify_image_on_hand_made_outputs():
     dets = postprocess(loc[None], logits[None], priors, S, PostprocessConfig(0.2, 0.3, 20))[0]
     cert = certify_image(loc, logits, priors, S, dets, target, bounds)
     assert cert["detected"].tolist() == [True] and float(cert["radius"][0]) == 0.0
+    assert certified_objects(cert, target)[1].numel() == 0  # radius 0: not checked
