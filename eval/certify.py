@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from lipdet.certificates import AnchorBounds, anchor_radii, binding_of, box_iou_exact, detection_anchors
+from lipdet.metrics import correct_pairs
 
 CERTIFIED_DEFINITION = (
     "Certified object share at eps. For each ground-truth object g we take the deployed engine's clean "
@@ -72,8 +72,7 @@ def certify_image(
                            "binding": ["none"] * k, "anchor": torch.full((k,), -1, dtype=torch.long)}
     if k == 0 or dets["boxes"].shape[0] == 0:
         return out
-    ious = box_iou(dets["boxes"].float(), gt)  # (D, K)
-    hit = (ious >= iou) & (dets["labels"].long().view(-1, 1) == labels.view(1, -1))
+    hit = correct_pairs(dets, target, iou)  # (D, K)
     pairs = torch.nonzero(hit, as_tuple=False)
     if pairs.numel() == 0:
         return out

@@ -125,16 +125,16 @@ def object_scores(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float
     """
     if dets["boxes"].shape[0] == 0:
         return torch.zeros(target["boxes"].shape[0])
-    return (_correct(dets, target, iou).float() * dets["scores"].float().cpu().view(-1, 1)).amax(dim=0)
+    return (correct_pairs(dets, target, iou).float() * dets["scores"].float().cpu().view(-1, 1)).amax(dim=0)
 
 
 def objects_detected(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float = 0.5) -> Tensor:
     """Which ground-truth objects of one image are detected correctly (some detection of the same digit with
     IoU ``>= iou``, the "detected correctly" of the certificates): ``(K,)`` bool. Arguments as :func:`object_scores`."""
-    return _correct(dets, target, iou).any(dim=0)
+    return correct_pairs(dets, target, iou).any(dim=0)
 
 
-def _correct(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float) -> Tensor:
+def correct_pairs(dets: dict[str, Tensor], target: dict[str, Tensor], iou: float) -> Tensor:
     """``(D, K)`` bool: detection ``d`` has object ``k``'s digit and IoU ``>= iou`` with its box."""
     if dets["boxes"].shape[0] == 0 or target["boxes"].shape[0] == 0:
         return torch.zeros(dets["boxes"].shape[0], target["boxes"].shape[0], dtype=torch.bool)
