@@ -163,3 +163,11 @@ def test_data_commands_refuse_before_writing(fresh, capsys, tiny_svhn):
                                                   fresh, capsys)
     assert "does not exist" in _refused(["data", "show", str(tiny_svhn), "--out", "nowhere/grid.png"], fresh, capsys)
     assert _contents(tiny_svhn) == before  # no crop cache was written beside the data either
+
+
+def test_export_triton_into_a_file_refuses_before_data_or_files(fresh, capsys):
+    """``--triton REPO`` names a folder; a file there is refused in one line before anything is exported."""
+    bad = fresh["cwd"] / "repo"
+    bad.write_text("not a folder")
+    message = _refused(["export", "missing.pt", "--triton", str(bad)], fresh, capsys)
+    assert "exists and is not a folder" in message and "Triton repository" in message
