@@ -99,6 +99,11 @@ class MultiBoxLoss(nn.Module):
     docs/results/beat-the-seed.md). The margin is a float or per prior (``(P,)``): a learnt
     temperature changes ``L`` during training (:func:`lipdet.train.recipe.train_margin`). Evaluation
     and post-processing use the raw logits.
+
+    A ``cls_temperature`` ``T`` (None = 1) makes the classification term SLL's offset cross-entropy
+    ``T * CE((z + margin * (1 - onehot)) / T)`` (Araujo et al., ICLR 2023): a small ``T`` keeps
+    pushing every margin past ``margin`` with a soft, bounded gradient, where ``T -> 0`` is a hard
+    hinge that stops at it. The factor ``T`` keeps the term's scale that of the margin in logit units.
     """
 
     def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3) -> None:
@@ -109,10 +114,12 @@ class MultiBoxLoss(nn.Module):
         self.neg_pos_ratio = neg_pos_ratio
 
     def forward(
-        self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]], cls_margin: Tensor | float | None = None
+        self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]], cls_margin: Tensor | float | None = None,
+        cls_temperature: float | None = None,
     ) -> dict[str, Tensor]:
         """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`;
-        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (None: plain cross-entropy).
+        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (None: plain cross-entropy);
+        ``cls_temperature``: ``T`` of the offset cross-entropy (None: 1).
 
         Returns ``{"loss", "loc", "cls"}`` scalars.
         """
@@ -128,9 +135,12 @@ class MultiBoxLoss(nn.Module):
             onehot = F.one_hot(cls_t, logits.shape[-1]).to(logits.dtype)
             raise_by = (margin_t * pos.to(logits.dtype)).unsqueeze(-1)  # (N, P, 1): positives only
             logits = logits + raise_by * (1.0 - onehot)
+        temp = 1.0 if cls_temperature is None else float(cls_temperature)
+        if temp != 1.0:
+            logits = logits / temp
         # (N, C, P): softmax over a strided class axis vectorises over priors; over a last axis of 11
         # it is ~7x slower on the CPU.
-        ce = F.cross_entropy(logits.transpose(1, 2), cls_t, reduction="none")
+        ce = F.cross_entropy(logits.transpose(1, 2), cls_t, reduction="none") * temp
         neg = hard_negatives(ce, pos, self.neg_pos_ratio)
         cls_loss = ce[pos | neg].sum() / num_pos
         return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}

@@ -188,6 +188,30 @@ def test_train_margin_ramps_up_with_the_temperature():
     assert torch.allclose(taus[:start], torch.tensor(3.0)) and torch.allclose(taus[start:start + a * 81], torch.tensor(1.0))
 
 
+def test_train_objective_offset_ce_on_pre_temperature_logits():
+    """--margin-temperature: the loss sees z = logits / tau_k, the margin in z units (sqrt(2) eps, ramped)
+    and T; the learnt temperatures get no gradient from it. Without it: raw logits, train_margin, no T."""
+    from lipdet.loss import lipschitz_margin
+    from lipdet.models import build_model
+    from lipdet.train.recipe import train_margin, train_objective
+
+    model = build_model("sll-spectral", cls_temperature=8.0, learn_temperature=True)
+    x = torch.rand(2, 3, 74, 74)
+    _, logits = model(x)
+    cfg = LoopConfig(arch="sll-spectral", margin_eps=0.5, margin_ramp=0.5, margin_temperature=0.25)
+    z, margin, temp = train_objective(cfg, model, logits, 60, 100)
+    torch.testing.assert_close(z, logits / 8.0)
+    assert temp == 0.25 and float(margin) == pytest.approx(lipschitz_margin(0.5))
+    assert float(train_objective(cfg, model, logits, 24, 100)[1]) == pytest.approx(lipschitz_margin(0.25))
+    z.sum().backward()
+    grads = [h.log_temperature.grad for h in model.cls_heads.values()]
+    assert all(g is None or float(g.abs().max()) < 1e-4 * float(z.abs().sum()) for g in grads)
+    old = LoopConfig(arch="sll-spectral", margin_eps=0.5)
+    raw, m_old, t_old = train_objective(old, model, logits, 60, 100)
+    assert raw is logits and t_old is None
+    torch.testing.assert_close(m_old, train_margin(old, model, 60, 100))
+
+
 def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
     run = tmp_path / "r1"
     run.mkdir()

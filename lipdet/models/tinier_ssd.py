@@ -340,8 +340,9 @@ class TinierSSD(nn.Module):
     def num_priors(self) -> int:
         return self.prior_spec.num_priors
 
-    def prior_temperatures(self) -> Tensor:
-        """``(P,)`` the current class temperature ``tau_k`` of each prior's scale (1 without one), detached.
+    def prior_temperatures(self, detach: bool = True) -> Tensor:
+        """``(P,)`` the current class temperature ``tau_k`` of each prior's scale (1 without one), detached
+        unless ``detach=False`` (then ``logits / prior_temperatures(False)`` has no gradient into ``tau_k``).
 
         For ``sll-spectral`` this is exactly the Lipschitz bound of input -> that prior's logits, the
         ``L`` of :func:`lipdet.loss.lipschitz_margin`; for the other archs only the head's factor.
@@ -351,7 +352,8 @@ class TinierSSD(nn.Module):
         for tap in self.taps:
             head = self.cls_heads[tap]
             tau = head.temperature_tensor() if hasattr(head, "temperature_tensor") else None
-            taus.append(tau.detach().reshape(()).float() if tau is not None else torch.ones((), device=dev))
+            tau = None if tau is None else (tau.detach() if detach else tau)
+            taus.append(tau.reshape(()).float() if tau is not None else torch.ones((), device=dev))
         # on the device, without a host sync: this runs every training step under --margin-eps
         return torch.stack(taus).to(dev)[self.prior_maps]
 
