@@ -118,7 +118,8 @@ class MultiBoxLoss(nn.Module):
         cls_temperature: float | None = None,
     ) -> dict[str, Tensor]:
         """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`;
-        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (None: plain cross-entropy);
+        ``cls_margin``: this call's margin, a float, ``(P,)`` per prior or ``(P, C, C)`` per prior and
+        class pair (:func:`_margin_raise`; None: plain cross-entropy);
         ``cls_temperature``: ``T`` of the offset cross-entropy (None: 1).
 
         Returns ``{"loss", "loc", "cls"}`` scalars.
@@ -130,11 +131,8 @@ class MultiBoxLoss(nn.Module):
         loc_loss = F.smooth_l1_loss(loc[pos], loc_t[pos], reduction="sum") / num_pos
         margin = 0.0 if cls_margin is None else cls_margin
         if isinstance(margin, Tensor) or margin > 0:
-            margin_t = torch.as_tensor(margin, dtype=logits.dtype, device=logits.device)
-            margin_t = margin_t.view(1, -1) if margin_t.dim() == 1 else margin_t.view(1, 1)  # (1, P) or (1, 1)
-            onehot = F.one_hot(cls_t, logits.shape[-1]).to(logits.dtype)
-            raise_by = (margin_t * pos.to(logits.dtype)).unsqueeze(-1)  # (N, P, 1): positives only
-            logits = logits + raise_by * (1.0 - onehot)
+            logits = logits + _margin_raise(torch.as_tensor(margin, dtype=logits.dtype, device=logits.device),
+                                            cls_t, pos, logits.shape[-1])
         temp = 1.0 if cls_temperature is None else float(cls_temperature)
         if temp != 1.0:
             logits = logits / temp
@@ -144,6 +142,23 @@ class MultiBoxLoss(nn.Module):
         neg = hard_negatives(ce, pos, self.neg_pos_ratio)
         cls_loss = ce[pos | neg].sum() / num_pos
         return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}
+
+
+def _margin_raise(margin: Tensor, cls_t: Tensor, pos: Tensor, num_classes: int) -> Tensor:
+    """``(N, P, C)``: how much each logit is raised -- ``margin`` on the non-target logits of positive anchors.
+
+    ``margin``: a scalar, ``(P,)`` per prior, or ``(P, C, C)`` per prior and class pair (row = target
+    class, 0 on the diagonal: :meth:`TinierSSD.prior_class_pair_norms` times eps).
+    """
+    mask = pos.to(margin.dtype).unsqueeze(-1)  # (N, P, 1)
+    if margin.dim() == 3:
+        n, p = cls_t.shape
+        rows = margin.unsqueeze(0).expand(n, -1, -1, -1)  # (N, P, C, C)
+        picked = rows.gather(2, cls_t.view(n, p, 1, 1).expand(n, p, 1, num_classes)).squeeze(2)
+        return picked * mask
+    margin = margin.view(1, -1, 1) if margin.dim() == 1 else margin.view(1, 1, 1)
+    onehot = F.one_hot(cls_t, num_classes).to(margin.dtype)
+    return margin * mask * (1.0 - onehot)
 
 
 def lipschitz_margin(eps: float, cls_lipschitz: float | Tensor = 1.0) -> float | Tensor:

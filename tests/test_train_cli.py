@@ -212,6 +212,54 @@ def test_train_objective_offset_ce_on_pre_temperature_logits():
     torch.testing.assert_close(m_old, train_margin(old, model, 60, 100))
 
 
+def test_pair_margins_match_the_certificate_rows():
+    """margin_pairs: eps * ||w_t - w_j|| per prior and class pair -- the same constants the certificate
+    uses for an interior anchor (lipdet.certificates, float64, folded kernel incl. tau), here
+    differentiable and pre-temperature; the loss raises each non-target logit by its pair's margin."""
+    import torch.nn.functional as F
+
+    from lipdet.certificates import head_rows
+    from lipdet.loss import MultiBoxLoss, match_targets
+    from lipdet.models import build_model
+    from lipdet.train.recipe import train_objective
+
+    torch.manual_seed(0)
+    model = build_model("sll-spectral", cls_temperature=8.0, learn_temperature=True).eval()
+    pairs = model.prior_class_pair_norms()
+    c = model.config.num_classes
+    assert pairs.shape == (model.num_priors, c, c) and float(pairs.diagonal(dim1=1, dim2=2).abs().max()) == 0
+    rows = head_rows(model)
+    a = model.prior_spec.anchors_per_location
+    start = 0
+    for k, r in enumerate(rows):
+        f = r.feature_size
+        y = x = f // 2  # interior (every tap inside the map) when f >= 3
+        p0 = start + (y * f + x) * a
+        cert = r.pair[r.pattern[y * f + x]] / 8.0  # (A, C, C), float64, tau folded in
+        if f >= 3:
+            torch.testing.assert_close(pairs[p0:p0 + a].double(), cert, rtol=2e-4, atol=1e-6)
+        # every border pattern reads fewer taps: the full kernel's constant is never below it
+        assert bool((pairs[start:start + a].double() >= r.pair.max(dim=0).values / 8.0 - 1e-6).all())
+        start += a * f * f
+    model.train()
+    _, logits = model(torch.rand(2, 3, 74, 74))
+    cfg = LoopConfig(arch="sll-spectral", margin_eps=0.5, margin_ramp=0.0, margin_temperature=1.0, margin_pairs=True)
+    z, margin, temp = train_objective(cfg, model, logits, 0, 10)
+    assert margin.shape == (model.num_priors, c, c)
+    target = {"boxes": torch.tensor([[20.0, 20.0, 40.0, 50.0]]), "labels": torch.tensor([3])}
+    loss = MultiBoxLoss(model.priors, 74)
+    _, cls_t = match_targets([target] * 2, model.priors, 74)
+    pos = (cls_t > 0).unsqueeze(-1).float()
+    by_hand = z + pos * margin.detach().unsqueeze(0).expand(2, -1, -1, -1).gather(
+        2, cls_t.view(2, -1, 1, 1).expand(2, -1, 1, c)).squeeze(2) * (1 - F.one_hot(cls_t, c))
+    torch.testing.assert_close(loss(torch.zeros(2, model.num_priors, 4), z, [target] * 2, cls_margin=margin.detach())["cls"],
+                               loss(torch.zeros(2, model.num_priors, 4), by_hand, [target] * 2)["cls"])
+    # the loss reaches the class-head kernel through the pair constants too (GloRo-style)
+    out = loss(torch.zeros(2, model.num_priors, 4), z.detach(), [target] * 2, cls_margin=margin, cls_temperature=temp)
+    out["cls"].backward()
+    assert sum(float(h.weight.grad.abs().sum()) for h in model.cls_heads.values() if h.weight.grad is not None) > 0
+
+
 def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):
     run = tmp_path / "r1"
     run.mkdir()

@@ -69,6 +69,7 @@ class LoopConfig:
     margin_eps: float = 0.0  # Lipschitz-margin CE for this certified radius (0 = plain CE)
     margin_ramp: float = 0.5  # fraction of the steps over which the margin grows linearly from 0
     margin_temperature: float = 0.0  # > 0: offset CE on the pre-temperature logits at this T (train_objective)
+    margin_pairs: bool = False  # with margin_temperature: margin eps * ||w_t - w_j|| per class pair (GloRo-style)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -168,7 +169,9 @@ def train_objective(cfg: LoopConfig, model: nn.Module, logits: Tensor, step: int
 
     With ``cfg.margin_temperature`` ``T > 0`` the loss sees the pre-temperature logits
     ``z = logits / tau_k`` ``(N, P, C)`` (for ``sll-spectral`` a 1-Lipschitz map of the image) with the
-    margin ``sqrt(2) * eps_t`` in ``z`` units and SLL's offset cross-entropy at ``T``: the learnt
+    margin ``sqrt(2) * eps_t`` in ``z`` units (with ``cfg.margin_pairs``: ``eps_t * ||w_t - w_j||`` per
+    class pair, the exact Lipschitz constant of ``z_t - z_j`` through the head, differentiable as in
+    GloRo nets: :meth:`TinierSSD.prior_class_pair_norms`) and SLL's offset cross-entropy at ``T``: the learnt
     class temperatures get no gradient from it (they are refitted for the scores after training,
     :mod:`lipdet.train.calibrate`), so they cannot run away and turn the loss into a hard hinge.
     Otherwise: the raw logits, :func:`train_margin` and plain (margin) cross-entropy.
@@ -179,7 +182,10 @@ def train_objective(cfg: LoopConfig, model: nn.Module, logits: Tensor, step: int
     if cfg.margin_eps <= 0:
         return z, None, cfg.margin_temperature
     ramp = min(1.0, (step + 1) / max(1.0, cfg.margin_ramp * total_steps)) if cfg.margin_ramp > 0 else 1.0
-    return z, torch.full((), lipschitz_margin(cfg.margin_eps * ramp), device=logits.device), cfg.margin_temperature
+    eps = cfg.margin_eps * ramp
+    if cfg.margin_pairs:
+        return z, eps * model.prior_class_pair_norms(), cfg.margin_temperature
+    return z, torch.full((), lipschitz_margin(eps), device=logits.device), cfg.margin_temperature
 
 
 def unwrap(model: nn.Module) -> nn.Module:
