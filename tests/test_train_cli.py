@@ -254,10 +254,15 @@ def test_pair_margins_match_the_certificate_rows():
         2, cls_t.view(2, -1, 1, 1).expand(2, -1, 1, c)).squeeze(2) * (1 - F.one_hot(cls_t, c))
     torch.testing.assert_close(loss(torch.zeros(2, model.num_priors, 4), z, [target] * 2, cls_margin=margin.detach())["cls"],
                                loss(torch.zeros(2, model.num_priors, 4), by_hand, [target] * 2)["cls"])
-    # the loss reaches the class-head kernel through the pair constants too (GloRo-style)
+    # the loss reaches the class-head kernel through the pair constants too (GloRo-style); the pair
+    # constants' power step after the forward pass must not break the forward's graph
     out = loss(torch.zeros(2, model.num_priors, 4), z.detach(), [target] * 2, cls_margin=margin, cls_temperature=temp)
     out["cls"].backward()
     assert sum(float(h.weight.grad.abs().sum()) for h in model.cls_heads.values() if h.weight.grad is not None) > 0
+    model.zero_grad()
+    _, logits = model(torch.rand(2, 3, 74, 74))
+    z, margin, temp = train_objective(cfg, model, logits, 0, 10)
+    loss(torch.zeros(2, model.num_priors, 4), z, [target] * 2, cls_margin=margin, cls_temperature=temp)["cls"].backward()
 
 
 def test_resume_refuses_changed_settings(tiny_svhn, tmp_path):

@@ -569,7 +569,7 @@ class NormConv2d(nn.Module):
             if converge:
                 return w32 / self.converged_sigma()
             self._power_step(w32.detach(), self.train_iters)
-            u = self.u.to(w32.dtype).detach()
+            u = self.u.to(w32.dtype).detach().clone()  # a later power step updates self.u in place
             sigma = F.conv2d(u, w32, stride=self.stride, padding=self.padding).norm()
             return w32 / sigma.clamp_min(1e-12)
 
