@@ -109,6 +109,11 @@ def default_margin_eps(arch: str) -> float:
     return float(CERTIFIED_TRAINING.get(arch, {}).get("margin_eps", 0.0))
 
 
+def default_margin_pairs(arch: str) -> bool:
+    """Whether ``arch`` trains with pairwise certificate margins by default (:attr:`LoopConfig.margin_pairs`)."""
+    return bool(CERTIFIED_TRAINING.get(arch, {}).get("margin_pairs", False))
+
+
 def default_margin_temperature(arch: str) -> float:
     """The default offset cross-entropy temperature of ``arch`` (0 = the margin follows the learnt
     temperatures, :func:`lipdet.train.recipe.train_objective`)."""
@@ -123,7 +128,7 @@ def _extras(loop: LoopConfig) -> str:
     if loop.margin_eps > 0:
         parts.append(f"margin eps {loop.margin_eps:g}")
     if loop.margin_temperature > 0:
-        parts.append(f"offset CE T {loop.margin_temperature:g}")
+        parts.append(f"offset CE T {loop.margin_temperature:g}" + (", pairwise margins" if loop.margin_pairs else ""))
     return "".join(", " + p for p in parts)
 
 
@@ -235,6 +240,7 @@ class TrainOptions:
     model_options: dict[str, Any] = field(default_factory=dict)
     margin_eps: float | None = None
     margin_temperature: float | None = None
+    margin_pairs: bool | None = None
     val_fraction: float | None = None
     val_count: int | None = None
     val_seed: int | None = None
@@ -532,6 +538,7 @@ def _check_unchanged(opts: TrainOptions, loop: LoopConfig) -> None:
         ("lr", opts.lr, loop.lr),
         ("margin_eps", opts.margin_eps, loop.margin_eps),
         ("margin_temperature", opts.margin_temperature, loop.margin_temperature),
+        ("margin_pairs", opts.margin_pairs, loop.margin_pairs),
     ):
         if given is not None and given != before:
             raise LipdetError(
@@ -558,7 +565,8 @@ def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunSt
     model_options = {**default_model_options(arch), **opts.model_options}
     margin_eps = opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch)
     margin_t = opts.margin_temperature if opts.margin_temperature is not None else default_margin_temperature(arch)
-    _check_model_request(arch, width, model_options, margin_eps, margin_t)
+    margin_pairs = opts.margin_pairs if opts.margin_pairs is not None else default_margin_pairs(arch)
+    _check_model_request(arch, width, model_options, margin_eps, margin_t, margin_pairs)
     epochs = opts.epochs if opts.epochs is not None else default_epochs()
     storage = _new_storage(opts, out, arch)
     val_split = opts.val_split() or ValSplit()
@@ -586,6 +594,7 @@ def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunSt
         run_name=storage.name,
         margin_eps=margin_eps,
         margin_temperature=margin_t,
+        margin_pairs=margin_pairs,
     )
     return storage, loop
 
@@ -605,7 +614,7 @@ def _new_storage(opts: TrainOptions, out: str, arch: str) -> RunStorage:
 
 
 def _check_model_request(arch: str, width: float, model_options: dict[str, Any], margin_eps: float,
-                         margin_temperature: float = 0.0) -> None:
+                         margin_temperature: float = 0.0, margin_pairs: bool = False) -> None:
     """Refuse unknown widths/options and a margin the arch cannot certify (before any data is made)."""
     resolve_options(ModelConfig(arch=arch, width=width, input_size=LoopConfig.input_size,
                                 options=dict(model_options)))
@@ -617,6 +626,8 @@ def _check_model_request(arch: str, width: float, model_options: dict[str, Any],
         raise LipdetError(f"margin_temperature must be >= 0, got {margin_temperature}")
     if margin_temperature > 0 and not arch.startswith("sll-"):
         raise LipdetError("margin_temperature needs a Lipschitz arch (sll-*): naive's logits have no temperature")
+    if margin_pairs and not (margin_temperature > 0 and margin_eps > 0):
+        raise LipdetError("margin_pairs needs margin_eps > 0 and margin_temperature > 0 (the offset cross-entropy)")
 
 
 def _split_options(split: ValSplit) -> str:
