@@ -16,6 +16,7 @@ attributes: ``name``, ``path``, ``card`` (the :class:`~lipdet.artifacts.ModelCar
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ class OrtBackend(Backend):
 
     Provider: ``CUDAExecutionProvider`` when available (``device`` ``auto``/``cuda``), else
     ``CPUExecutionProvider``; the one in use is in ``provider``. An fp16 graph that the CPU
-    provider cannot run is refused with a one-line error (never silently replaced).
+    provider cannot run is refused with a one-line error (never silently replaced). An int8 graph
+    whose flavour is inaccurate on this CPU (u8s8 with full-range weights, no VNNI/AMX) loads with
+    one warning line on stderr, also kept in ``warning`` (None otherwise).
     """
 
     name = "onnxruntime"
@@ -146,6 +149,9 @@ class OrtBackend(Backend):
             raise LipdetError(f"{path}: expected input 'images' and outputs 'loc', 'logits'; got {inputs} -> {outputs}")
         super().__init__(path, card, size, precision, self.session.get_providers()[0])
         self._input, self._outputs = INPUT_NAME, list(OUTPUT_NAMES)
+        self.warning = _int8_cpu_warning(model, self.provider)
+        if self.warning:
+            print(f"{path}: {self.warning}", file=sys.stderr)
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -154,6 +160,17 @@ class OrtBackend(Backend):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise LipdetError(f"{self.path}: ONNX Runtime failed to run the graph: {first[:200]}") from None
         return torch.from_numpy(loc).float(), torch.from_numpy(logits).float()
+
+
+def _int8_cpu_warning(model: Any, provider: str) -> str | None:
+    """The one-line warning for an int8 graph whose flavour is not accurate on this CPU (u8s8 with full-range
+    weights without VNNI/AMX: :func:`lipdet.export.precision.saturation_warning`); None otherwise or off the CPU."""
+    from lipdet.export.precision import int8_flavour, saturation_warning
+    from lipdet.hardware import machine
+
+    if provider != "CPUExecutionProvider":
+        return None
+    return saturation_warning(int8_flavour(model), machine())
 
 
 def _input_size(path: Path, card: ModelCard | None, input_size: int | None) -> int:

@@ -41,8 +41,10 @@ def command(
         show_default=False),
     calib_n: int = typer.Option(256, "--calib-n", min=1, help="Training images used to calibrate int8."),
     target: Optional[Target] = typer.Option(
-        None, "--target", help="Runtime the int8 graph is for: ort (uint8 activations and weights, accurate on every CPU) or "
-        "trt (int8 symmetric, what TensorRT needs). Default: trt with --trt, else ort.", show_default=False),
+        None, "--target", help="Runtime the int8 graph is for: ort (uint8 activations, 7-bit int8 weights: fast and "
+        "accurate on every x86 CPU), ort-vnni (full 8-bit weights: as fast, accurate only on CPUs with VNNI/AMX; a "
+        "warning where it runs without) or trt (int8 symmetric, what TensorRT needs). Default: trt with --trt, else ort.",
+        show_default=False),
     val_n: int = typer.Option(VAL_N_DEFAULT, "--val-n", min=0, help="Validation (test split) images for the clean "
                               "map_50 check of each precision; 0 = the whole split."),
     workspace_mb: int = typer.Option(1024, "--workspace-mb", min=16, help="TensorRT builder workspace limit (MiB)."),

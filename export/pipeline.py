@@ -9,7 +9,7 @@ Every step is verified before anything is written; a failed check leaves no file
    ops; ``onnx.checker``), ONNX Runtime fp32 vs the folded torch model on 64 real test images
    (1e-4 relative);
 4. :func:`precision_step`: fp16 / int8: convert or quantise the graph (int8 calibrated on
-   ``--calib-n`` training images, flavour by ``--target``) and compare with fp32;
+   ``--calib-n`` training images, flavour by ``--target``: ``precision.INT8_FLAVOURS``) and compare with fp32;
 5. :func:`validation_step`: the clean map_50 (change) on the validation (test) split;
 6. :func:`card_step`: the model card (config, priors, Lipschitz bounds, source checkpoint and
    sha256, precision, int8 flavour, dataset, post-processing thresholds, validation results);
@@ -46,10 +46,12 @@ from lipdet.export.precision import (
     layer_sqnr,
     ort_cpu_support,
     quantize_int8,
+    saturation_warning,
     sensitive_layers,
     to_fp16,
 )
 from lipdet.export.tensorrt import TrtRunner, build_plan, make_sidecar, require_trt
+from lipdet.hardware import machine
 from lipdet.io import atomic_path, sha256_file
 from lipdet.metrics import batched, map_of
 from lipdet.models import fold_model
@@ -83,7 +85,7 @@ class ExportRequest:
     checkpoint: Path
     onnx_out: Path
     precision: str  # fp32 | fp16 | int8
-    target: str  # ort | trt
+    target: str  # ort | ort-vnni | trt (precision.TARGETS)
     trt: bool
     max_batch: int  # images
     calib_root: Optional[Path]  # None: the checkpoint's own data
@@ -233,8 +235,8 @@ def _check_options(precision: str, target: str, trt: bool, max_batch: int, calib
         raise LipdetError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if target not in TARGETS:
         raise LipdetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
-    if trt and precision == "int8" and target == "ort":
-        raise LipdetError("precision 'int8' with target 'ort' makes uint8 asymmetric activations, which TensorRT "
+    if trt and precision == "int8" and target != "trt":
+        raise LipdetError(f"precision 'int8' with target {target!r} makes uint8 asymmetric activations, which TensorRT "
                           "rejects; use target 'trt' (the default when trt is set)")
     if max_batch < 1:
         raise LipdetError(f"max_batch must be >= 1, got {max_batch}")
@@ -348,6 +350,9 @@ def int8_step(req: ExportRequest, fold: Folded, fp32: OnnxFp32, say: Say) -> tup
     flavour = INT8_FLAVOURS[req.target]
     say(f"int8: calibrating {flavour} Q/DQ ({method} ranges, per-channel weights) on {len(calib)} {calib_split} "
         f"images of {calib_root}")
+    warning = saturation_warning(flavour, machine())
+    if warning:
+        say(warning)
     quant = quantize_int8(fp32.model, calib, target=req.target)
     stats = compare(run_session(ort_session(quant), fold.parity_images), fp32.outputs)
     if within(stats, "onnx", "int8"):

@@ -10,13 +10,21 @@ the precision an engine runs in is decided here, in the graph it is built from:
   per-channel symmetric 8-bit weights, activation ranges calibrated on training images by
   :data:`INT8_CALIBRATION`, robust to outliers where MinMax is not; optionally with some layers
   kept in fp32: :func:`sensitive_layers` and :func:`keep_in_fp32` are the rule). Two flavours,
-  because the best graph for ONNX Runtime on a CPU is not one TensorRT accepts:
+  because the best graph for ONNX Runtime on a CPU is not one TensorRT accepts
+  (:data:`INT8_SPECS` holds each flavour's settings, :data:`INT8_FLAVOURS` the ``--target`` defaults):
 
-  - ``u8u8-asymmetric`` (``--target ort``): uint8 asymmetric activations, uint8 weights
-    (symmetric, zero point 128, per channel): accurate on CPUs with and without VNNI
-    (:data:`INT8_FLAVOURS` says why not u8s8).
+  - ``u8s8-reduce-range`` (``--target ort``, the default): uint8 asymmetric activations, int8
+    symmetric per-channel weights in [-64, 64] (ORT's ``reduce_range``). ONNX Runtime's u8s8
+    kernels are its fast ones (VNNI / AMX where the CPU has them, ``vpmaddubsw`` on AVX2), and
+    7-bit weights cannot saturate ``vpmaddubsw``: accurate and fast on every x86 CPU.
+  - ``u8s8-asymmetric`` (``--target ort-vnni``): the same with full 8-bit weights: as fast, one
+    more bit of weight precision, accurate only on CPUs with VNNI/AMX (:func:`saturation_warning`).
   - ``s8s8-symmetric`` (``--target trt``): int8 activations with zero point 0, as TensorRT
     requires. On a CPU, ORT runs it barely faster than fp32.
+
+  ``u8u8-asymmetric`` (uint8 weights) was the ``ort`` flavour of the previous version: accurate
+  everywhere but ONNX Runtime has no VNNI kernel for it (1.0-1.2x fp32 on an AVX512-VNNI EPYC,
+  where u8s8 runs 2.1-2.7x). Its files, and u8s8 files from before it, still load and run.
 
 After quantisation every weight's ``DequantizeLinear`` output is renamed to the weight's original
 name (the folded ``state_dict`` key), so the dequantised weights can be read back by name
@@ -29,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -39,20 +48,56 @@ from onnx import numpy_helper
 
 from lipdet.errors import LipdetError
 from lipdet.export.onnx_export import INPUT_NAME, check_graph, ort_session
+from lipdet.hardware import Machine
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-TARGETS: tuple[str, ...] = ("ort", "trt")
-INT8_FLAVOURS: dict[str, str] = {"ort": "u8u8-asymmetric", "trt": "s8s8-symmetric"}
-"""``--target`` -> int8 flavour recorded in the model card as ``int8_flavour``.
 
-``ort`` was ``u8s8-asymmetric`` (uint8 activations, int8 weights) in earlier lipdet versions;
-such files still load and run. u8s8 is not portable: on x86 CPUs without VNNI, ONNX Runtime's
-u8s8 kernels multiply with ``vpmaddubsw``, whose int16 pair sums saturate (ONNX Runtime's
-quantisation guide names u8u8 or ``reduce_range`` as the fixes). Measured on a 2-core AVX2 EPYC:
-the demo model's u8s8 graph failed parity (rel 0.56, cosine 0.986) and the tiny test model lost
-5.8 map_50 points. ``reduce_range`` (7-bit weights) cost 1.1 points on the test model even with
-VNNI; u8u8 keeps 8-bit weights and has no saturating path, so it is the flavour for every CPU."""
+
+@dataclass(frozen=True)
+class Int8Spec:
+    """How one int8 flavour quantises: the ``quantize_static`` settings and where it is accurate.
+
+    Attributes:
+        activations: ``"uint8"`` (asymmetric) or ``"int8"`` (symmetric, zero point 0).
+        weights: ``"uint8"`` or ``"int8"``; always symmetric, per output channel.
+        reduce_range: weights in [-64, 64] (ORT's ``reduce_range``) instead of [-127, 127].
+        needs_int8_dot: accurate only on CPUs with int8 dot-product instructions (VNNI / AMX,
+            :attr:`lipdet.hardware.Machine.int8_dot`): uint8 x full-range int8 pairs summed by AVX2's
+            ``vpmaddubsw`` (2 x 255 x 127 > 32767) saturate to int16 elsewhere.
+    """
+
+    activations: str
+    weights: str
+    reduce_range: bool
+    needs_int8_dot: bool
+
+
+INT8_SPECS: dict[str, Int8Spec] = {
+    "u8s8-reduce-range": Int8Spec("uint8", "int8", reduce_range=True, needs_int8_dot=False),
+    "u8s8-asymmetric": Int8Spec("uint8", "int8", reduce_range=False, needs_int8_dot=True),
+    "u8u8-asymmetric": Int8Spec("uint8", "uint8", reduce_range=False, needs_int8_dot=False),
+    "s8s8-symmetric": Int8Spec("int8", "int8", reduce_range=False, needs_int8_dot=False),
+}
+"""Every int8 flavour lipdet writes or has written, by the name the model card records (``int8_flavour``).
+
+Measured on a 2-core AMD EPYC with AVX512 + VNNI (ONNX Runtime 1.32, batch 64, one thread, CPU time,
+``benchmarks/inference.py``): u8s8 with or without ``reduce_range`` 2.1-2.7x fp32 (same kernel), u8u8
+1.0-1.2x (MLAS has no VNNI u8u8 kernel on this CPU), s8s8 0.8x (1.7x naive; its Relus stay separate for
+TensorRT, so half its convolutions do not fuse). Accuracy vs fp32 on a demo-trained naive model, 1000
+test images: every flavour within 0.15 map_50 points; ``reduce_range`` lowers the output cosine by ~1e-4.
+``reduce_range`` is what makes u8s8 portable: ``|u8 x s8| <= 255 x 64``, so a pair sums to at most
+32640 and AVX2's ``vpmaddubsw`` cannot saturate (the saturation cost the issue's AVX2 machine parity:
+rel 0.56, cosine 0.986 with full-range weights)."""
+
+TARGETS: tuple[str, ...] = ("ort", "ort-vnni", "trt")
+INT8_FLAVOURS: dict[str, str] = {"ort": "u8s8-reduce-range", "ort-vnni": "u8s8-asymmetric", "trt": "s8s8-symmetric"}
+"""``--target`` -> int8 flavour (a key of :data:`INT8_SPECS`) recorded in the model card as ``int8_flavour``.
+
+``ort`` (portable, the default) is fast and accurate on every x86 CPU; ``ort-vnni`` keeps 8-bit weights and
+is only accurate where the CPU has VNNI/AMX (a u8s8 file loaded elsewhere warns: :func:`saturation_warning`);
+``trt`` is what TensorRT accepts."""
 LEGACY_ORT_FLAVOUR = "u8s8-asymmetric"
+"""The ``ort`` flavour before the u8u8 one: the same graph as ``--target ort-vnni`` writes."""
 
 INT8_CALIBRATION: dict[str, object] = {"method": "Percentile", "percentile": 99.999}
 """How activation ranges are calibrated: ONNX Runtime's ``CalibrationMethod`` and its setting.
@@ -133,22 +178,27 @@ def calibration_reader(images: torch.Tensor | np.ndarray, batch: int = 32):
 
 
 def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarray, target: str = "ort",
-                  fp32_layers: Sequence[str] = ()) -> onnx.ModelProto:
+                  fp32_layers: Sequence[str] = (), flavour: str | None = None) -> onnx.ModelProto:
     """Statically quantise an fp32 graph to a QDQ int8 graph calibrated on ``calib_images`` ``(N, 3, S, S)``.
 
-    ``target`` picks the flavour (:data:`INT8_FLAVOURS`): ``"ort"`` = uint8 asymmetric
-    activations (fast on ONNX Runtime CPU), ``"trt"`` = int8 symmetric activations (TensorRT).
-    Weights are 8-bit, symmetric, per output channel in both; activation ranges by
-    :data:`INT8_CALIBRATION`. ``fp32_layers`` (layer names, e.g. ``cls_heads.fire8.conv``: a Conv's
-    weight name less ``.weight``) stay in fp32.
+    ``target`` picks the flavour (:data:`INT8_FLAVOURS`); ``flavour`` (a key of :data:`INT8_SPECS`, e.g. the
+    previous default ``u8u8-asymmetric`` for a benchmark) overrides it. Weights are 8-bit (7-bit with
+    ``reduce_range``), symmetric, per output channel; activation ranges by :data:`INT8_CALIBRATION`.
+    ``fp32_layers`` (layer names, e.g. ``cls_heads.fire8.conv``: a Conv's weight name less ``.weight``)
+    stay in fp32.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if target not in INT8_FLAVOURS:
         raise LipdetError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    name = flavour if flavour is not None else INT8_FLAVOURS[target]
+    if name not in INT8_SPECS:
+        raise LipdetError(f"unknown int8 flavour {name!r}; choose one of: {', '.join(INT8_SPECS)}")
     if len(calib_images) == 0:
         raise LipdetError("int8 calibration needs at least one image (calib_n)")
-    symmetric = target == "trt"
+    spec = INT8_SPECS[name]
+    symmetric = spec.activations == "int8"
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     exclude = _conv_nodes(model, fp32_layers)
     with tempfile.TemporaryDirectory(prefix="lipdet-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -161,9 +211,9 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
                     calibration_reader(calib_images),
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
-                    reduce_range=False,  # full 8-bit weights: u8u8 does not saturate (see INT8_FLAVOURS)
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    reduce_range=spec.reduce_range,  # weights only (activations stay 8-bit): see INT8_SPECS
+                    activation_type=qtype[spec.activations],
+                    weight_type=qtype[spec.weights],
                     calibrate_method=getattr(CalibrationMethod, str(INT8_CALIBRATION["method"])),
                     nodes_to_exclude=exclude,
                     extra_options={
@@ -337,21 +387,38 @@ def _zero_point_is_zero(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
 
 
 def int8_flavour(model: onnx.ModelProto) -> str | None:
-    """The int8 flavour of a QDQ graph, read from its zero points; None if it is not int8.
+    """The int8 flavour of a QDQ graph (a key of :data:`INT8_SPECS`), read from its quantised weights and
+    zero points; None if it is not int8.
 
-    ``"u8u8-asymmetric"`` (uint8 weights), ``"u8s8-asymmetric"`` (uint8 activations, int8
-    weights: files from before the redesign) or ``"s8s8-symmetric"``.
+    uint8 weights: ``u8u8-asymmetric``; int8 weights with int8 activations: ``s8s8-symmetric``; with uint8
+    activations: ``u8s8-reduce-range`` when every weight lies in [-64, 64], else ``u8s8-asymmetric``
+    (a full-range symmetric weight has +-127 in every channel that is not all zero).
     """
     consts = {i.name: i for i in model.graph.initializer}
     q_nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if not q_nodes:
         return None
-    kinds = {consts[n.input[0]].data_type for n in q_nodes if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+    weights = [consts[n.input[0]] for n in q_nodes if n.op_type == "DequantizeLinear" and n.input[0] in consts]
+    if any(w.data_type == onnx.TensorProto.UINT8 for w in weights):
+        return "u8u8-asymmetric"
     activation_u8 = any(len(n.input) > 2 and n.input[2] in consts and consts[n.input[2]].data_type == onnx.TensorProto.UINT8
                         for n in q_nodes if n.op_type == "QuantizeLinear")
-    if onnx.TensorProto.UINT8 in kinds:
-        return INT8_FLAVOURS["ort"]
-    return LEGACY_ORT_FLAVOUR if activation_u8 else INT8_FLAVOURS["trt"]
+    if not activation_u8:
+        return INT8_FLAVOURS["trt"]
+    int8 = [numpy_helper.to_array(w) for w in weights if w.data_type == onnx.TensorProto.INT8]
+    widest = max((int(np.abs(w.astype(np.int16)).max()) for w in int8 if w.size), default=0)
+    return INT8_FLAVOURS["ort"] if widest <= 64 else INT8_FLAVOURS["ort-vnni"]
+
+
+def saturation_warning(flavour: str | None, m: Machine) -> str | None:
+    """One warning line when an int8 graph of ``flavour`` runs on CPU ``m`` without the VNNI/AMX it needs to
+    be accurate (:attr:`Int8Spec.needs_int8_dot`), else None (other flavours, unknown ones, VNNI/AMX CPUs)."""
+    spec = INT8_SPECS.get(flavour or "")
+    if spec is None or not spec.needs_int8_dot or m.int8_dot:
+        return None
+    return (f"warning: this int8 graph ({flavour}: full-range int8 weights) needs VNNI or AMX to be accurate; this CPU "
+            f"({m.isa()}) has neither, so ONNX Runtime's u8s8 kernels may saturate (export with --target ort for a "
+            "graph that is accurate on every CPU)")
 
 
 # ----------------------------------------------------------------------------------------------

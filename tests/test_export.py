@@ -217,7 +217,7 @@ def test_fp16_export(tmp_path, ckpt, real_images):
             load_backend(out)
 
 
-@pytest.mark.parametrize("target", ["ort", "trt"])
+@pytest.mark.parametrize("target", ["ort", "ort-vnni", "trt"])
 def test_int8_graph_runs_and_is_close_to_fp32(fp32_model, data_root, real_images, target):
     from lipdet.data.dataset import SVHNDetection
 
@@ -233,9 +233,12 @@ def test_int8_graph_runs_and_is_close_to_fp32(fp32_model, data_root, real_images
         assert any(z.dtype == np.int8 for z in zps)
     else:  # uint8 activations for ONNX Runtime
         assert any(z.dtype == np.uint8 for z in zps)
-    # Weights: uint8 for ONNX Runtime (u8u8: no vpmaddubsw saturation on CPUs without VNNI), int8 for TensorRT.
-    kinds = {i.data_type for i in q.graph.initializer if len(i.dims) == 4}
-    assert kinds == ({onnx.TensorProto.UINT8} if target == "ort" else {onnx.TensorProto.INT8})
+    # Weights: int8 everywhere; for ONNX Runtime ("ort") in [-64, 64], so no uint8 x int8 pair sum exceeds
+    # 2 x 255 x 64 = 32640 and vpmaddubsw cannot saturate on CPUs without VNNI; full range with "ort-vnni".
+    weights = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if len(i.dims) == 4]
+    assert {w.dtype for w in weights} == {np.dtype(np.int8)}
+    widest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    assert widest == (64 if target == "ort" else 127)
     got = run_session(ort_session(q), real_images)
     ref = run_session(ort_session(fp32_model), real_images)
     stats = compare(got, ref)
@@ -293,7 +296,7 @@ def test_cli_latest_run_int8_writes_beside_it(tmp_path, data_root, monkeypatch, 
     assert "parity: ONNX Runtime fp32 vs folded torch" in out and "parity: int8 vs fp32" in out
     assert "validation map_50" in out and "-> int8" in out
     card = get_card(onnx_path)
-    assert card.precision == "int8" and card.int8_flavour == "u8u8-asymmetric"
+    assert card.precision == "int8" and card.int8_flavour == "u8s8-reduce-range"
     assert card.int8_fp32_layers is not None and set(card.int8_fp32_layers) <= set(sensitive_layers(load_onnx(onnx_path)))
     v = card.validation
     assert v["int8"] is not None and v["map_50_change"] == pytest.approx(v["int8"]["map_50"] - v["fp32"]["map_50"])
@@ -510,7 +513,11 @@ def test_qdq_loss_debug_measures_every_sensitive_layer_and_the_rule_is_determini
 
 def test_int8_of_a_trained_model_passes_parity_within_a_point_of_fp32(tmp_path, tiny_svhn):
     """A naive Tinier SSD trained (over-fitted, full batch) on the 16 test images it is then evaluated on:
-    ``lipdet export --precision int8`` passes its parity gate, and map_50 moves by at most 1 point."""
+    ``lipdet export --precision int8`` passes its parity gate, and map_50 moves by at most 1 point.
+
+    100 full-batch steps (fp32 map_50 0.84): after 50 (map_50 0.42) the model was barely fitted and its
+    map_50 on 16 images moved by up to 3.6 points under any int8 flavour's rounding, the more accurate
+    ones included (u8u8 with its entry conv and heads in fp32: +3.2): the 1-point bound was below its noise."""
     from lipdet.data import SVHNDetection, detection_collate
     from lipdet.loss import MultiBoxLoss
 
@@ -519,7 +526,7 @@ def test_int8_of_a_trained_model_passes_parity_within_a_point_of_fp32(tmp_path, 
     split = SVHNDetection(tiny_svhn, "test", 74)
     x, t = detection_collate([split[i] for i in range(len(split))])
     crit, opt = MultiBoxLoss(model.priors, 74), torch.optim.Adam(model.parameters(), 5e-3)
-    for _ in range(50):
+    for _ in range(100):
         opt.zero_grad()
         crit(*model(x), t)["loss"].backward()
         opt.step()
