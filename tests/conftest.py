@@ -6,6 +6,10 @@ every test that runs Ray Train workers (train and eval stages) requests it inste
 
 ``_private_lipdet_folders`` (automatic) gives the session an empty lipdet cache and runs folder.
 
+``_quick_ray_train`` (automatic) sets :data:`RAY_TRAIN_ENV` for the session, so every Ray Train run
+of the suite (in process, or a ``lipdet`` subprocess that inherits the environment) polls its
+workers often and starts no metrics or preemption-watcher actors.
+
 ``tiny_svhn`` is a few dozen synthetic SVHN images in format 1 (``train/`` + ``test/``), made once
 per session.
 """
@@ -20,6 +24,16 @@ import pytest
 RAY_NUM_CPUS = 2
 USER_PATH_ENV = ("LIPDET_CACHE", "LIPDET_RUNS")
 """Every folder lipdet writes to by default (data cache, TensorRT timing cache, runs), by variable."""
+RAY_TRAIN_ENV = {
+    # The controller polls its workers every 2 s by default: a run's start, each registered
+    # checkpoint and its end wait for the next poll (seconds per run, a dozen runs in the suite).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Fewer helper actors per Ray Train run (each is a process start on 2 busy cores); the driver
+    # passes RAY_TRAIN_* variables on to the Train controller.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+"""Ray Train's own knobs for the suite (none changes what a run computes or records)."""
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,6 +47,20 @@ def _private_lipdet_folders(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in USER_PATH_ENV}
     for key in USER_PATH_ENV:
         os.environ[key] = str(tmp_path_factory.mktemp(key.lower().replace("_", "-")))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quick_ray_train():
+    """:data:`RAY_TRAIN_ENV` for the session (a value already set in the environment wins)."""
+    saved = {k: os.environ.get(k) for k in RAY_TRAIN_ENV}
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     yield
     for key, value in saved.items():
         if value is None:
@@ -59,10 +87,6 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        # Fewer helper actors per Ray Train run (each is a process start on 2 busy cores); the
-        # driver passes RAY_TRAIN_* variables on to the Train controller.
-        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address="local",  # never a `ray start` cluster that another test or user runs on this machine
             num_cpus=RAY_NUM_CPUS,

@@ -1,7 +1,7 @@
 """``lipdet train`` end to end on real Ray Train workers (the session's one local cluster).
 
 Tiny everything: 40 synthetic train images (4 of them held out for validation), width 0.25, 1-2
-epochs; the 16 test images are never read.
+epochs; the 16 test images are never read. The 1-worker runs go two at a time (``one_worker_runs``).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,15 +133,13 @@ def test_killed_worker_is_replaced_and_the_run_resumes(two_worker_run):
     assert load_checkpoint(r["run"] / "model.pt").meta["epochs"] == 2
 
 
-@pytest.fixture(scope="module")
-def stopped_then_resumed(ray_cluster, tiny_svhn, tmp_path_factory):
+def _stopped_then_resumed(data: Path, root: Path) -> dict:
     """A 1-worker run that dies at epoch 2 with no retries left, then ``--resume``-d."""
-    root = tmp_path_factory.mktemp("resume")
     out = str(root / "runs")
     marker = root / "killed"
     with pytest.raises(LipdetError) as exc:
         run_training(
-            TrainOptions(data=tiny_svhn, workers=1, out=out, name="stopped", max_failures=0, seed=7,
+            TrainOptions(data=data, workers=1, out=out, name="stopped", max_failures=0, seed=7,
                          fault=f"2:0:{marker}", **TINY),
             echo=lambda s: None,
         )
@@ -150,7 +149,45 @@ def stopped_then_resumed(ray_cluster, tiny_svhn, tmp_path_factory):
         "has_model": (Path(out) / "stopped" / "model.pt").exists(),
     }
     resumed = run_training(TrainOptions(resume="stopped", out=out, workers=1, progress=False), echo=lambda s: None)
-    return {"out": out, "stopped": stopped, "resumed": resumed, "data": tiny_svhn}
+    return {"out": out, "stopped": stopped, "resumed": resumed, "data": data}
+
+
+def _fresh_seed_7(data: Path, root: Path) -> dict:
+    """A fresh 1-worker run with the stopped run's seed and settings, start to end."""
+    return {"result": run_training(TrainOptions(data=data, workers=1, out=str(root / "runs"), name="again", seed=7,
+                                                **TINY), echo=lambda s: None)}
+
+
+def _margin_sll_spectral(data: Path, root: Path) -> dict:
+    """A 1-worker, 1-epoch sll-spectral run with its defaults (margin loss, then calibration); its echoed lines."""
+    lines: list[str] = []
+    res = run_training(
+        TrainOptions(data=data, workers=1, arch="sll-spectral", out=str(root / "runs"), name="cal",
+                     width=0.25, batch_size=8, epochs=1, progress=False),
+        echo=lines.append,
+    )
+    return {"result": res, "lines": lines}
+
+
+@pytest.fixture(scope="module")
+def one_worker_runs(ray_cluster, tiny_svhn, tmp_path_factory) -> dict[str, Future]:
+    """The module's 1-worker runs, two at a time on the session's 2-CPU cluster: a Ray Train run spends
+    most of its seconds starting processes one after another, so a second run fills the other core.
+
+    Independent runs (own folders, own seeds): each still runs start to end exactly as alone. Yields
+    each run's finished future: ``.result()`` is its result, or raises its own error in the tests
+    that use it (and only there).
+    """
+    jobs = {"stopped_then_resumed": _stopped_then_resumed, "fresh_seed_7": _fresh_seed_7,
+            "margin_sll_spectral": _margin_sll_spectral}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(job, tiny_svhn, tmp_path_factory.mktemp(name)) for name, job in jobs.items()}
+    return futures
+
+
+@pytest.fixture(scope="module")
+def stopped_then_resumed(one_worker_runs) -> dict:
+    return one_worker_runs["stopped_then_resumed"].result()
 
 
 def test_resume_continues_a_stopped_run(stopped_then_resumed):
@@ -172,17 +209,13 @@ def test_resume_of_a_finished_run_asks_for_more_epochs(stopped_then_resumed):
         run_training(TrainOptions(resume="stopped", out=stopped_then_resumed["out"], workers=1), echo=lambda s: None)
 
 
-def test_seed_makes_a_one_worker_run_repeat_exactly(stopped_then_resumed, tmp_path):
+def test_seed_makes_a_one_worker_run_repeat_exactly(stopped_then_resumed, one_worker_runs):
     """Same seed, fresh 1-worker CPU run: the same losses as the (stopped, then resumed) run.
 
     Epoch 1 shows the seed reproduces a run; epoch 2 that resuming from a checkpoint is exact (the
     batch order and augmentation depend only on seed and epoch).
     """
-    res = run_training(
-        TrainOptions(data=stopped_then_resumed["data"], workers=1, out=str(tmp_path / "runs"), name="again", seed=7,
-                     **TINY),
-        echo=lambda s: None,
-    )
+    res = one_worker_runs["fresh_seed_7"].result()["result"]
     mine = _history(res.run_dir)
     theirs = _history(stopped_then_resumed["resumed"].run_dir)
     for a, b in zip(mine, theirs):
@@ -193,15 +226,11 @@ def test_seed_makes_a_one_worker_run_repeat_exactly(stopped_then_resumed, tmp_pa
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
 
 
-def test_margin_trained_sll_spectral_ends_with_calibrated_temperatures(ray_cluster, tiny_svhn, tmp_path):
+def test_margin_trained_sll_spectral_ends_with_calibrated_temperatures(one_worker_runs):
     """sll-spectral trains with the margin loss by default; model.pt then holds class temperatures
     refitted after training (recorded in its meta), the pre-temperature network untouched."""
-    lines: list[str] = []
-    res = run_training(
-        TrainOptions(data=tiny_svhn, workers=1, arch="sll-spectral", out=str(tmp_path / "runs"), name="cal",
-                     width=0.25, batch_size=8, epochs=1, progress=False),
-        echo=lines.append,
-    )
+    run = one_worker_runs["margin_sll_spectral"].result()
+    res, lines = run["result"], run["lines"]
     ck = load_checkpoint(res.model_path)
     cal = ck.meta["calibration"]
     assert len(cal["after"]) == 4 and all(0 < t < 1e3 for t in cal["after"])
