@@ -163,6 +163,11 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def images_in(chunks: list[torch.Tensor]) -> int:
+    """Images in a list of ``(n, 3, S, S)`` request parts: what ``@serve.batch`` counts against ``max_batch``."""
+    return sum(len(c) for c in chunks)
+
+
 def _failure(e: Exception) -> JSONResponse:
     if isinstance(e, ImageError):
         return JSONResponse(error_body(e.message), status_code=e.status)
@@ -186,11 +191,24 @@ class DetectorServer:
         self.service.warm_up(min(options.max_batch, 8))
         self.ready = True
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def engine(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Ray Serve's batch: ``images`` are ``(3, S, S)`` tensors from concurrent requests."""
-        loc, logits = await asyncio.get_running_loop().run_in_executor(None, self.service.run, torch.stack(images))
-        return list(zip(loc, logits))
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
+    async def engine(self, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Ray Serve's batch: ``chunks`` are ``(n, 3, S, S)`` tensors from concurrent requests, at most
+        ``max_batch`` images in all (:func:`images_in`); each gets its rows of ``loc (n, P, 4)``, ``logits (n, P, C)``.
+
+        One queue entry per request part rather than per image: a request of 8 images costs one future, and
+        the engine input is one ``cat`` of the parts (no stacking of single images, no re-stacking of outputs).
+        """
+        loc, logits = await asyncio.get_running_loop().run_in_executor(None, self.service.run, torch.cat(chunks))
+        sizes = [len(c) for c in chunks]
+        return list(zip(loc.split(sizes), logits.split(sizes)))
+
+    async def infer_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, 3, S, S)`` through :meth:`engine` in parts of at most ``max_batch`` images -> raw ``loc``, ``logits``."""
+        outs = await asyncio.gather(*[self.engine(part) for part in images.split(self.options.max_batch)])
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica is healthy once warmed up."""
@@ -201,9 +219,10 @@ class DetectorServer:
     async def detect(self, request: Request) -> Any:
         try:
             prepared = prepare(decode_image(await read_body(request)), self.service.backend.input_size)
-            loc, logits = await self.engine(prepared.tensor)
+            loc, logits = await self.engine(prepared.tensor[None])
             # post-processing and certified radii off the event loop: other requests keep flowing meanwhile
-            return await asyncio.get_running_loop().run_in_executor(None, self.service.detections, loc, logits, prepared)
+            return await asyncio.get_running_loop().run_in_executor(None, self.service.detections, loc[0], logits[0],
+                                                                    prepared)
         except Exception as e:  # every failure is one JSON line; the replica keeps serving
             return _failure(e)
 
@@ -211,8 +230,7 @@ class DetectorServer:
     async def infer(self, request: Request) -> Any:
         try:
             images = read_tensor_body(await read_body(request), self.service.backend.input_size)
-            outs = await asyncio.gather(*[self.engine(x) for x in images])
-            loc, logits = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+            loc, logits = await self.infer_images(images)
             return Response(write_outputs(loc, logits), media_type=NPZ_TYPE)
         except Exception as e:
             return _failure(e)
