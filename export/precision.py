@@ -185,7 +185,7 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
     previous default ``u8u8-asymmetric`` for a benchmark) overrides it. Weights are 8-bit (7-bit with
     ``reduce_range``), symmetric, per output channel; activation ranges by :data:`INT8_CALIBRATION`.
     ``fp32_layers`` (layer names, e.g. ``cls_heads.fire8.conv``: a Conv's weight name less ``.weight``)
-    stay in fp32.
+    stay in fp32, and so do the L2-norm pools' squared activations (:func:`squared_domain_nodes`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -199,7 +199,7 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
     spec = INT8_SPECS[name]
     symmetric = spec.activations == "int8"
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    exclude = _conv_nodes(model, fp32_layers)
+    exclude = _conv_nodes(model, fp32_layers) + squared_domain_nodes(model)
     with tempfile.TemporaryDirectory(prefix="lipdet-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))
@@ -239,6 +239,35 @@ def quantize_int8(model: onnx.ModelProto, calib_images: torch.Tensor | np.ndarra
         if bad:
             raise LipdetError(f"int8 graph for TensorRT has a non-zero zero point at {bad[0]} (TensorRT needs symmetric Q/DQ)")
     return quant
+
+
+def squared_domain_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes that compute on squared activations, kept in fp32 by :func:`quantize_int8`: from each
+    ``Mul(x, x)`` downstream (stopping at Convs) up to and including the ``Sqrt`` that ends it -- the L2-norm
+    pool ``sqrt(avgpool(x^2) * k + eps)`` of the SLL archs (``pool=l2``); none in the other graphs.
+
+    Squares span twice the dynamic range of ``x`` in bits: 8-bit steps over ``x^2``'s range leave ~4 bits
+    for small activations. Measured on sll-spectral trained 24 epochs (300 test images): quantising them cost
+    3.5 map_50 points (class-logit cosine 0.9886); kept in fp32 0.7 (cosine 0.9993).
+    """
+    convs = set(_conv_layers(model))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    picked: list[str] = []
+    for start in (n for n in model.graph.node if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]):
+        todo, seen = [start], set()
+        while todo:
+            n = todo.pop()
+            if n.name in seen or n.name in convs:
+                continue
+            seen.add(n.name)
+            if n.op_type != "Sqrt":
+                todo += [c for o in n.output for c in consumers.get(o, [])]
+        if any(n.op_type == "Sqrt" and n.name in seen for n in model.graph.node):  # a square that is not a norm: left alone
+            picked += [n.name for n in model.graph.node if n.name in seen and n.name not in picked]
+    return picked
 
 
 def _conv_layers(model: onnx.ModelProto) -> dict[str, str]:

@@ -186,3 +186,27 @@ def test_inference_benchmark_names_the_machine_and_reports_every_flavour_per_arc
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "--clock cpu needs --threads 1 (CPU time of several threads includes their spinning)")
+
+
+def test_l2_pool_squares_stay_in_fp32(fp32_graph, images):
+    """The L2-norm pool's squared activations (Mul(x, x) -> AveragePool -> Mul -> Add -> Sqrt) are not quantised
+    (8-bit steps over x^2 cost sll-spectral 3.5 map_50 points); every other node is, and max-pool archs have none."""
+    from lipdet.export.precision import squared_domain_nodes
+
+    assert squared_domain_nodes(fp32_graph) == []  # naive: max-pools
+    torch.manual_seed(0)
+    model = build_model("sll-spectral", width=0.25, pool="l2", shrink="conv").eval()  # as lipdet train builds it
+    with torch.no_grad():
+        model(torch.rand(2, 3, SIZE, SIZE))
+    fp32 = export_onnx_model(fold_model(model), SIZE)
+    picked = squared_domain_nodes(fp32)
+    pools = sum(n.op_type == "Sqrt" for n in fp32.graph.node)
+    kinds = [n.op_type for n in fp32.graph.node if n.name in picked]
+    assert pools > 0 and kinds.count("Sqrt") == kinds.count("AveragePool") == pools
+    assert set(kinds) == {"Mul", "AveragePool", "Add", "Sqrt"}
+    q = quantize_int8(fp32, images)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    for n in q.graph.node:
+        if n.name in picked and n.op_type != "Mul":  # inside the squared domain: float from end to end
+            assert all(producer[i].op_type != "DequantizeLinear" for i in n.input if i in producer), n.name
+    assert int8_flavour(q) == INT8_FLAVOURS["ort"] and sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > pools
