@@ -1,6 +1,7 @@
 """Inference throughput on this CPU: parametrised torch, folded torch, ONNX Runtime fp32 and each int8 flavour.
 
-For every architecture, the same randomly initialised model is timed side by side in one run, at
+For every architecture, the same randomly initialised model (with the model options ``lipdet train`` uses by
+default, e.g. sll-spectral's L2-norm pools) is timed side by side in one run, at
 batch 1 and batch 64 (images/s, higher is better):
 
 * ``torch``: the trainable (parametrised) model in eval mode, eager;
@@ -101,8 +102,11 @@ def build_arch(arch: str, width: float, calib_n: int, threads: int) -> tuple[tor
     from lipdet.export.precision import quantize_int8, sensitive_layers
     from lipdet.models import build_model, fold_model
 
+    from lipdet.train.trainer import CERTIFIED_TRAINING
+
     torch.manual_seed(0)
-    model = build_model(arch, width=width).eval()
+    options = CERTIFIED_TRAINING.get(arch, {}).get("model_options", {})  # as lipdet train builds it (sll-spectral: L2 pool)
+    model = build_model(arch, width=width, **options).eval()
     s = model.config.input_size
     with torch.no_grad():
         model(torch.rand(2, 3, s, s))  # settle power-iteration state before folding
