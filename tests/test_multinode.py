@@ -16,8 +16,12 @@ The tests drive ``lipdet`` as a user would, in subprocesses against the running 
 * ``lipdet eval --workers 2 --address HEAD`` shards over both nodes (1 CPU each, an actor needs 1)
   with the numbers of one worker.
 
+The trained model's three commands (export then eval, the sharded eval, the one-worker eval) run at
+once, in ``model_commands``.
+
 The cluster uses its own ports and ``--temp-dir``, and the module's finalizer kills every process
-group it started and checks with ``pgrep`` that none is left. lipdet's own local sessions (the other
+group it started (with their descendants and any process naming that temp dir) and checks with
+``pgrep`` that none is left. lipdet's own local sessions (the other
 tests) ask for ``address="local"``, so they never join this cluster.
 """
 
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -121,6 +126,12 @@ def _alive(pids: set[int], timeout: float) -> set[int]:
         time.sleep(0.2)
 
 
+def _naming(path: Path) -> set[int]:
+    """The pids of the processes whose command line contains ``path`` (``pgrep -f``)."""
+    out = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in out} - {os.getpid()}
+
+
 def _gone(pid: int) -> bool:
     """True when ``pid`` has exited (a zombie waiting for its parent counts as gone)."""
     try:
@@ -182,10 +193,22 @@ class TwoNodeCluster:
         return _kill_all(_group_processes(self.groups.pop(name)))
 
     def shutdown(self) -> list[int]:
-        """Kill every process this cluster started; returns the pids still alive 10 s later."""
-        pids = {p for g in self.all_groups for p in _group_processes(g)}
-        _kill_all(pids)
-        return sorted(_alive(pids, timeout=10))
+        """Kill every process this cluster started; returns the pids still alive 10 s later.
+
+        Its process groups with their descendants, and any process naming the cluster's own temp dir,
+        in rounds until a round finds none: a raylet killed while it forks a worker leaves that worker
+        orphaned (no longer its descendant, in a group of its own), so one round can miss it.
+        """
+        killed: set[int] = set()
+        for _ in range(10):
+            found = {p for g in self.all_groups for p in _group_processes(g)} | _naming(self.temp_dir)
+            fresh = {p for p in found - killed if not _gone(p)}
+            if not fresh:
+                break
+            _kill_all(fresh)
+            killed |= fresh
+            time.sleep(0.3)
+        return sorted(_alive(killed, timeout=10))
 
 
 class Command:
@@ -243,7 +266,7 @@ def cluster():
         yield nodes
     finally:
         left = nodes.shutdown()
-        stray = subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split()
+        stray = sorted(p for p in _naming(temp_dir) if not _gone(p))
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left and not stray, f"Ray processes left behind: pids {left}, {stray}"
 
@@ -319,31 +342,55 @@ def test_lost_node_run_shrinks_then_grows_and_finishes(elastic_run):
           "after the restart began", file=sys.stderr)
 
 
-def test_elastic_model_exports_and_evaluates(elastic_run, tmp_path):
-    model = elastic_run["run"] / "model.pt"
+def _lipdet(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lipdet.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _export_then_eval(model: Path, folder: Path) -> tuple[subprocess.CompletedProcess, ...]:
+    """``lipdet export MODEL`` then ``lipdet eval`` of the ONNX (no cluster: ``RAY_ADDRESS`` unset)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    exp = subprocess.run([sys.executable, "-m", "lipdet.cli", "export", str(model), "--out", str(tmp_path / "m.onnx")],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert exp.returncode == 0, exp.stderr
-    ev = subprocess.run([sys.executable, "-m", "lipdet.cli", "eval", str(tmp_path / "m.onnx"), "--json",
-                         str(tmp_path / "e.json"), "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
-    assert ev.returncode == 0, ev.stderr
-    clean = json.loads((tmp_path / "e.json").read_text())["clean"]
+    exp = _lipdet(["export", str(model), "--out", str(folder / "m.onnx")], env, timeout=120)
+    if exp.returncode != 0:
+        return (exp,)
+    return exp, _lipdet(["eval", str(folder / "m.onnx"), "--json", str(folder / "e.json"), "--no-progress"], env,
+                        timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_commands(cluster, elastic_run, tmp_path_factory) -> dict[str, Future]:
+    """The trained model's commands, all at once (independent processes; most of each is its start-up):
+    export then eval; eval --pgd sharded over both nodes; the same eval on one worker (starts no Ray).
+    Yields each one's finished future (its own error raises only in the test that reads it)."""
+    folder = tmp_path_factory.mktemp("mn-model")
+    model = elastic_run["run"] / "model.pt"
+    common = ["eval", str(model), "--pgd", "--steps", "2", "--attack-loss", "cls", "--limit", "8", "--batch-size",
+              "3", "--no-progress"]
+    env = _lipdet_env(cluster)
+    with ThreadPoolExecutor(3) as pool:
+        futures = {
+            "export_eval": pool.submit(_export_then_eval, model, folder),
+            "two": pool.submit(_lipdet, [*common, "--workers", "2", "--address", cluster.address, "--json",
+                                         str(folder / "two.json")], env),
+            "one": pool.submit(_lipdet, [*common, "--json", str(folder / "one.json")], env),
+        }
+    return {**futures, "folder": folder}
+
+
+def test_elastic_model_exports_and_evaluates(model_commands):
+    runs = model_commands["export_eval"].result()
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert len(runs) == 2
+    clean = json.loads((model_commands["folder"] / "e.json").read_text())["clean"]
     assert 0.0 <= clean["map_50"] <= 1.0
 
 
-def test_eval_sharded_over_both_nodes_matches_one_worker(cluster, elastic_run, tmp_path):
-    model = elastic_run["run"] / "model.pt"
-    env = _lipdet_env(cluster)
-    common = ["eval", str(model), "--pgd", "--steps", "2", "--attack-loss", "cls", "--limit", "8", "--batch-size",
-              "3", "--no-progress"]
-    two = subprocess.run([sys.executable, "-m", "lipdet.cli", *common, "--workers", "2", "--address", cluster.address,
-                          "--json", str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=180)
+def test_eval_sharded_over_both_nodes_matches_one_worker(cluster, model_commands):
+    two, one = model_commands["two"].result(), model_commands["one"].result()
     assert two.returncode == 0, two.stderr
-    one = subprocess.run([sys.executable, "-m", "lipdet.cli", *common, "--json", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, env=env, timeout=180)
     assert one.returncode == 0, one.stderr
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    a, b = (json.loads((model_commands["folder"] / f).read_text()) for f in ("one.json", "two.json"))
     assert b["settings"]["workers"] == 2 and b["settings"]["address"] == cluster.address
     for key in ("clean", "pgd"):
         assert a[key] == b[key], key

@@ -4,7 +4,8 @@
 
 Training is shortened for the test with the documented environment variables
 ``LIPDET_TRAIN_EPOCHS`` (epochs) and ``LIPDET_SYNTH_SIZE`` (size of the built-in synthetic SVHN);
-``LIPDET_CACHE`` keeps the generated dataset inside the test's folder.
+``LIPDET_CACHE`` keeps the generated dataset inside the test's folder. The session's Ray Train knobs
+(``tests/conftest.py``: ``RAY_TRAIN_ENV``) reach the commands through the inherited environment.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def test_three_commands_verbatim(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.pop("LIPDET_RUNS", None)
-    env.update(LIPDET_TRAIN_EPOCHS="1", LIPDET_SYNTH_SIZE="64,24", LIPDET_CACHE=str(tmp_path / "cache"))
+    # 8 test images: `eval --pgd` attacks each with the whole default ensemble (4 losses x 10 steps)
+    env.update(LIPDET_TRAIN_EPOCHS="1", LIPDET_SYNTH_SIZE="64,8", LIPDET_CACHE=str(tmp_path / "cache"))
     work = tmp_path / "fresh"
     work.mkdir()
 
