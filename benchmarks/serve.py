@@ -23,8 +23,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -37,15 +39,47 @@ import numpy as np
 import torch
 
 
+ROLES = ("replica", "proxy", "ray other", "client")
+"""Where a served row's CPU goes: Ray Serve replicas, Ray Serve's HTTP proxy, every other process of the local
+Ray cluster (raylet, GCS, controller, ...), and this process (the client threads)."""
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and its descendants, by :data:`ROLES` ({} without /proc)."""
+    tick, stats = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    stats[int(entry.name)] = (cmd, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    except OSError:
+        return {}
+    mine, grew = {os.getpid()}, True
+    while grew:  # descendants: the local Ray cluster this process started
+        new = {pid for pid, (_, ppid, _) in stats.items() if ppid in mine} - mine
+        mine, grew = mine | new, bool(new)
+    out = dict.fromkeys(ROLES, 0.0)
+    for pid in mine & stats.keys():
+        cmd, _, seconds = stats[pid]
+        role = ("client" if pid == os.getpid() else "replica" if "ServeReplica" in cmd
+                else "proxy" if "ProxyActor" in cmd else "ray other")
+        out[role] += seconds
+    return out
+
+
 @dataclass
 class Row:
-    """One measured configuration: images/s and per-request latencies (seconds)."""
+    """One measured configuration: images/s, per-request latencies (seconds) and, for a served row, CPU
+    milliseconds per image by :data:`ROLES`."""
 
     name: str
     images: int
     seconds: float
     latencies: list[float]
     failures: int = 0
+    cpu_ms: dict[str, float] | None = None
 
     def line(self) -> str:
         lat = sorted(self.latencies) or [float("nan")]
@@ -119,13 +153,15 @@ def closed_loop(port: int, path: str, body: bytes, per_request: int, clients: in
                     failures[0] += 1
         conn.close()
 
-    start = time.perf_counter()
+    cpu0, start = cpu_by_role(), time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return Row(name, per_request * len(lat), time.perf_counter() - start, lat, failures[0])
+    seconds, cpu1, images = time.perf_counter() - start, cpu_by_role(), per_request * len(lat)
+    cpu_ms = {k: 1000 * (cpu1[k] - cpu0[k]) / images for k in cpu1} if cpu1 and images else None
+    return Row(name, images, seconds, lat, failures[0], cpu_ms)
 
 
 def bodies(size: int, images: int) -> tuple[bytes, bytes]:
@@ -197,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 7}|")
     for row in rows:
         print(row.line())
+    served = [r for r in rows if r.cpu_ms]
+    if served:
+        print(f"\nCPU ms per image ({', '.join(ROLES)}; total over the machine's cores):")
+        for row in served:
+            parts = "  ".join(f"{k} {v:.2f}" for k, v in row.cpu_ms.items())
+            print(f"  {row.name:<38} {parts}  total {sum(row.cpu_ms.values()):.2f}")
     one = next((r for r in rows if r.name.startswith("serve 1 replica,") and "/v1/infer" in r.name), None)
     if one is not None:
         share = (one.images / one.seconds) / (rows[0].images / rows[0].seconds)
