@@ -38,12 +38,13 @@ from typing import Any
 
 import torch
 
-from lipdet.artifacts import save_checkpoint
+from lipdet.artifacts import load_checkpoint, save_checkpoint
 from lipdet.data.dataset import resolve_data
 from lipdet.certificates import AnchorBounds
 from lipdet.eval.certify import certified_share, certify_image
 from lipdet.models.lipschitz import head_bounds
 from lipdet.postprocess import postprocess
+from lipdet.train.calibrate import fit_class_temperatures
 from lipdet.train.loop import augment_batch, evaluate, load_split, validation_record
 from lipdet.train.recipe import LoopConfig, build_training
 from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
@@ -110,6 +111,22 @@ def certify(model: torch.nn.Module, ds, device: torch.device) -> dict[str, Any]:
     }
 
 
+def calibrated_certificate(model: torch.nn.Module, cfg: LoopConfig, train_ds, val_ds, device: torch.device) -> dict:
+    """What ``lipdet train`` does after margin training -- refit the class temperatures on the training
+    images (scores only) -- then the validation map_50 and the certificate (which do not read test data)."""
+    calib = fit_class_temperatures(model, train_ds) if cfg.margin_eps > 0 else None
+    val = evaluate(model, val_ds, cfg, device, model.priors.to(device), mem_format=cfg.memory_format)
+    return {"calibration": calib, "val_map_50": round(val["map_50"], 4), "certificate": certify(model, val_ds, device)}
+
+
+def recertify(checkpoint: Path, device: torch.device) -> dict:
+    """:func:`calibrated_certificate` of a checkpoint this script wrote (``--recertify``)."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = LoopConfig.from_dict({k: v for k, v in ckpt.meta["train"].items() if k != "by"})
+    model = ckpt.build_model().to(device)
+    return calibrated_certificate(model, cfg, load_split(cfg, "train"), load_split(cfg, "val"), device)
+
+
 def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max_epochs: int, eval_every: int,
                 limit: int = 0) -> dict:
     t_start = time.perf_counter()
@@ -150,8 +167,7 @@ def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max
         print(f"[{name}] {json.dumps(row)}", flush=True)
     result = {"name": name, "variant": VARIANTS[name], "epochs": plan["epochs"], "steps": step,
               "train_s": round(time.perf_counter() - t_train, 1), "train": cfg.to_dict(), "history": history}
-    result["certificate"] = certify(model, val_ds, device)
-    result["val_map_50"] = history[-1].get("val_map_50")
+    result.update(calibrated_certificate(model, cfg, train_ds, val_ds, device))
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     meta = {"run": f"sweep-{name}", "arch": cfg.arch, "width": cfg.width,
             "data": {"root": cfg.data_root, "synthetic": True, "val": validation_record(cfg)},
@@ -173,7 +189,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="train images (validation: a quarter); 0 = all (dry runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per variant process")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant here
+    ap.add_argument("--recertify", type=Path, default=None, metavar="CKPT",
+                    help="only calibrate and certify a checkpoint an earlier sweep wrote, print its JSON")
     args = ap.parse_args()
+    if args.recertify:
+        print(json.dumps(recertify(args.recertify, torch.device(args.device)), indent=1))
+        return
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
