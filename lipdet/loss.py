@@ -99,11 +99,6 @@ class MultiBoxLoss(nn.Module):
     docs/results/beat-the-seed.md). The margin is a float or per prior (``(P,)``): a learnt
     temperature changes ``L`` during training (:func:`lipdet.train.recipe.train_margin`). Evaluation
     and post-processing use the raw logits.
-
-    A ``cls_temperature`` ``T`` (None = 1) makes the classification term SLL's offset cross-entropy
-    ``T * CE((z + margin * (1 - onehot)) / T)`` (Araujo et al., ICLR 2023): a small ``T`` keeps
-    pushing every margin past ``margin`` with a soft, bounded gradient, where ``T -> 0`` is a hard
-    hinge that stops at it. The factor ``T`` keeps the term's scale that of the margin in logit units.
     """
 
     def __init__(self, priors: Tensor, input_size: int, alpha: float = 2.0, neg_pos_ratio: int = 3) -> None:
@@ -114,13 +109,10 @@ class MultiBoxLoss(nn.Module):
         self.neg_pos_ratio = neg_pos_ratio
 
     def forward(
-        self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]], cls_margin: Tensor | float | None = None,
-        cls_temperature: float | None = None,
+        self, loc: Tensor, logits: Tensor, targets: Sequence[dict[str, Tensor]], cls_margin: Tensor | float | None = None
     ) -> dict[str, Tensor]:
         """Args: ``loc (N, P, 4)``, ``logits (N, P, C)``, targets as in :func:`match_targets`;
-        ``cls_margin``: this call's margin, a float, ``(P,)`` per prior or ``(P, C, C)`` per prior and
-        class pair (:func:`_margin_raise`; None: plain cross-entropy);
-        ``cls_temperature``: ``T`` of the offset cross-entropy (None: 1).
+        ``cls_margin``: this call's margin, a float or ``(P,)`` per prior (None: plain cross-entropy).
 
         Returns ``{"loss", "loc", "cls"}`` scalars.
         """
@@ -131,34 +123,17 @@ class MultiBoxLoss(nn.Module):
         loc_loss = F.smooth_l1_loss(loc[pos], loc_t[pos], reduction="sum") / num_pos
         margin = 0.0 if cls_margin is None else cls_margin
         if isinstance(margin, Tensor) or margin > 0:
-            logits = logits + _margin_raise(torch.as_tensor(margin, dtype=logits.dtype, device=logits.device),
-                                            cls_t, pos, logits.shape[-1])
-        temp = 1.0 if cls_temperature is None else float(cls_temperature)
-        if temp != 1.0:
-            logits = logits / temp
+            margin_t = torch.as_tensor(margin, dtype=logits.dtype, device=logits.device)
+            margin_t = margin_t.view(1, -1) if margin_t.dim() == 1 else margin_t.view(1, 1)  # (1, P) or (1, 1)
+            onehot = F.one_hot(cls_t, logits.shape[-1]).to(logits.dtype)
+            raise_by = (margin_t * pos.to(logits.dtype)).unsqueeze(-1)  # (N, P, 1): positives only
+            logits = logits + raise_by * (1.0 - onehot)
         # (N, C, P): softmax over a strided class axis vectorises over priors; over a last axis of 11
         # it is ~7x slower on the CPU.
-        ce = F.cross_entropy(logits.transpose(1, 2), cls_t, reduction="none") * temp
+        ce = F.cross_entropy(logits.transpose(1, 2), cls_t, reduction="none")
         neg = hard_negatives(ce, pos, self.neg_pos_ratio)
         cls_loss = ce[pos | neg].sum() / num_pos
         return {"loss": cls_loss + self.alpha * loc_loss, "loc": loc_loss, "cls": cls_loss}
-
-
-def _margin_raise(margin: Tensor, cls_t: Tensor, pos: Tensor, num_classes: int) -> Tensor:
-    """``(N, P, C)``: how much each logit is raised -- ``margin`` on the non-target logits of positive anchors.
-
-    ``margin``: a scalar, ``(P,)`` per prior, or ``(P, C, C)`` per prior and class pair (row = target
-    class, 0 on the diagonal: :meth:`TinierSSD.prior_class_pair_norms` times eps).
-    """
-    mask = pos.to(margin.dtype).unsqueeze(-1)  # (N, P, 1)
-    if margin.dim() == 3:
-        n, p = cls_t.shape
-        rows = margin.unsqueeze(0).expand(n, -1, -1, -1)  # (N, P, C, C)
-        picked = rows.gather(2, cls_t.view(n, p, 1, 1).expand(n, p, 1, num_classes)).squeeze(2)
-        return picked * mask
-    margin = margin.view(1, -1, 1) if margin.dim() == 1 else margin.view(1, 1, 1)
-    onehot = F.one_hot(cls_t, num_classes).to(margin.dtype)
-    return margin * mask * (1.0 - onehot)
 
 
 def lipschitz_margin(eps: float, cls_lipschitz: float | Tensor = 1.0) -> float | Tensor:

@@ -56,14 +56,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "l2pool": {"options": {"pool": "l2", "shrink": "conv"}},
     "l2pool-eps1": {"options": {"pool": "l2", "shrink": "conv"}, "margin_eps": 1.0},
     "l2pool-truncate": {"options": {"pool": "l2"}},
-    "sllce-t0.25": {"margin_temperature": 0.25},
-    "sllce-t0.1": {"margin_temperature": 0.1},
-    "sllce-t0.25-eps1.5": {"margin_temperature": 0.25, "margin_eps": 1.5},
-    "pairs-t0.25-eps0.5": {"margin_temperature": 0.25, "margin_eps": 0.5, "margin_pairs": True},
-    "pairs-t0.25-eps1": {"margin_temperature": 0.25, "margin_eps": 1.0, "margin_pairs": True},
 }
 """Changes to ``lipdet train --arch sll-spectral``'s defaults: ``options`` (``-O``), ``margin_eps``,
-``margin_temperature``, ``width``, ``arch``."""
+``width``, ``arch``."""
 
 CERT_EPS = (0.025, 0.05, 0.1, 0.25, 0.5)
 
@@ -75,8 +70,6 @@ def loop_config(spec: dict[str, Any], use_gpu: bool) -> LoopConfig:
         arch=arch, width=float(spec.get("width", 1.0)),
         model_options={**default_model_options(arch), **spec.get("options", {})},
         margin_eps=float(spec.get("margin_eps", default_margin_eps(arch))), lr=default_lr(arch),
-        margin_temperature=float(spec.get("margin_temperature", 0.0)),
-        margin_pairs=bool(spec.get("margin_pairs", False)),
         data_root=str(resolve_data(None)), synthetic=True, use_gpu=use_gpu, precision="fp32", seed=0,
     )
 

@@ -74,9 +74,6 @@ def _onnx_without_card(path: Path) -> Path:
     "args, message",
     [
         (["--margin-eps", "0.5"], "margin_eps needs a Lipschitz arch"),
-        (["--margin-temperature", "0.25"], "margin_temperature needs a Lipschitz arch"),
-        (["--arch", "sll-spectral", "--margin-temperature", "-1"], "margin_temperature must be >= 0, got -1.0"),
-        (["--arch", "sll-spectral", "--margin-temperature", "0", "--margin-pairs"], "margin_pairs needs margin_eps > 0 and"),
         (["--arch", "sll-spectral", "-O", "pool=avg"], "pool must be one of"),
         (["--arch", "resnet"], "Invalid value for '--arch'"),
         (["--resume", "no-such-run"], "no run named 'no-such-run'"),

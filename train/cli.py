@@ -21,8 +21,6 @@ from lipdet.train.trainer import (
     TrainOptions,
     WorkerRange,
     default_margin_eps,
-    default_margin_pairs,
-    default_margin_temperature,
     parse_model_options,
     run_training,
 )
@@ -125,19 +123,6 @@ def command(
         "cross-entropy on object anchors, margin sqrt(2)*EPS*tau ramped up over the first half). "
         f"(default: {default_margin_eps('sll-spectral')} for sll-spectral, 0 = plain cross-entropy otherwise)", show_default=False,
     ),
-    margin_temperature: Optional[float] = typer.Option(
-        None, "--margin-temperature", metavar="T", help="sll-* only: SLL's offset cross-entropy T*CE((z + margin)/T) "
-        "on the pre-temperature logits z (the class temperatures are refitted after training); 0 = the margin "
-        f"follows the learnt temperatures. (default: {default_margin_temperature('sll-spectral'):g} for sll-spectral, "
-        "0 otherwise)", show_default=False,
-    ),
-    margin_pairs: Optional[bool] = typer.Option(
-        None, "--margin-pairs/--no-margin-pairs", help="sll-* with --margin-temperature: raise each wrong class j "
-        "by EPS*||w_t - w_j|| (the head's exact Lipschitz constant of z_t - z_j, what the certificate divides by) "
-        f"instead of sqrt(2)*EPS. (default: {'on' if default_margin_pairs('sll-spectral') else 'off'} for "
-        "sll-spectral, off otherwise)",
-        show_default=False,
-    ),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Photometric + zoom-out augmentation."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar on stderr."),
 ) -> None:
@@ -195,8 +180,6 @@ def command(
             progress=progress,
             model_options=parse_model_options(option or []),
             margin_eps=margin_eps,
-            margin_temperature=margin_temperature,
-            margin_pairs=margin_pairs,
         )
     )
     typer.echo(f"model: {result.model_path}")

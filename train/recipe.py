@@ -68,8 +68,6 @@ class LoopConfig:
     run_name: str = ""
     margin_eps: float = 0.0  # Lipschitz-margin CE for this certified radius (0 = plain CE)
     margin_ramp: float = 0.5  # fraction of the steps over which the margin grows linearly from 0
-    margin_temperature: float = 0.0  # > 0: offset CE on the pre-temperature logits at this T (train_objective)
-    margin_pairs: bool = False  # with margin_temperature: margin eps * ||w_t - w_j|| per class pair (GloRo-style)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopConfig":
@@ -163,31 +161,6 @@ def train_margin(cfg: LoopConfig, model: nn.Module, step: int, total_steps: int)
     return lipschitz_margin(cfg.margin_eps * ramp, model.prior_temperatures())
 
 
-def train_objective(cfg: LoopConfig, model: nn.Module, logits: Tensor, step: int,
-                    total_steps: int) -> tuple[Tensor, Tensor | None, float | None]:
-    """``(logits, cls_margin, cls_temperature)`` for :class:`lipdet.loss.MultiBoxLoss` at step ``step``.
-
-    With ``cfg.margin_temperature`` ``T > 0`` the loss sees the pre-temperature logits
-    ``z = logits / tau_k`` ``(N, P, C)`` (for ``sll-spectral`` a 1-Lipschitz map of the image) with the
-    margin ``sqrt(2) * eps_t`` in ``z`` units (with ``cfg.margin_pairs``: ``eps_t * ||w_t - w_j||`` per
-    class pair, the exact Lipschitz constant of ``z_t - z_j`` through the head, differentiable as in
-    GloRo nets: :meth:`TinierSSD.prior_class_pair_norms`) and SLL's offset cross-entropy at ``T``: the learnt
-    class temperatures get no gradient from it (they are refitted for the scores after training,
-    :mod:`lipdet.train.calibrate`), so they cannot run away and turn the loss into a hard hinge.
-    Otherwise: the raw logits, :func:`train_margin` and plain (margin) cross-entropy.
-    """
-    if cfg.margin_temperature <= 0:
-        return logits, train_margin(cfg, model, step, total_steps), None
-    z = logits / model.prior_temperatures(detach=False).view(1, -1, 1).to(logits.dtype)
-    if cfg.margin_eps <= 0:
-        return z, None, cfg.margin_temperature
-    ramp = min(1.0, (step + 1) / max(1.0, cfg.margin_ramp * total_steps)) if cfg.margin_ramp > 0 else 1.0
-    eps = cfg.margin_eps * ramp
-    if cfg.margin_pairs:
-        return z, eps * model.prior_class_pair_norms(), cfg.margin_temperature
-    return z, torch.full((), lipschitz_margin(eps), device=logits.device), cfg.margin_temperature
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """``model`` without its DDP wrapper (itself when it has none)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -241,8 +214,8 @@ class TrainStep:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.mem_format)
         with self.autocast():
             loc, logits = self.model(images)
-        logits, margin, temperature = train_objective(self.cfg, self.raw, logits, step, self.total_steps)
-        losses = self.criterion(loc, logits, targets, cls_margin=margin, cls_temperature=temperature)
+        losses = self.criterion(loc, logits, targets,
+                                cls_margin=train_margin(self.cfg, self.raw, step, self.total_steps))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(losses["loss"]).backward()
@@ -367,7 +340,6 @@ __all__: list[str] = [
     "make_optimizer",
     "seed_everything",
     "train_margin",
-    "train_objective",
     "unwrap",
     "warmup_cosine",
 ]

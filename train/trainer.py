@@ -109,17 +109,6 @@ def default_margin_eps(arch: str) -> float:
     return float(CERTIFIED_TRAINING.get(arch, {}).get("margin_eps", 0.0))
 
 
-def default_margin_pairs(arch: str) -> bool:
-    """Whether ``arch`` trains with pairwise certificate margins by default (:attr:`LoopConfig.margin_pairs`)."""
-    return bool(CERTIFIED_TRAINING.get(arch, {}).get("margin_pairs", False))
-
-
-def default_margin_temperature(arch: str) -> float:
-    """The default offset cross-entropy temperature of ``arch`` (0 = the margin follows the learnt
-    temperatures, :func:`lipdet.train.recipe.train_objective`)."""
-    return float(CERTIFIED_TRAINING.get(arch, {}).get("margin_temperature", 0.0))
-
-
 def _extras(loop: LoopConfig) -> str:
     """``", options pool=l2 ..., margin eps 0.5"`` for the start line (empty when neither is set)."""
     parts = []
@@ -127,8 +116,6 @@ def _extras(loop: LoopConfig) -> str:
         parts.append("options " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(loop.model_options.items())))
     if loop.margin_eps > 0:
         parts.append(f"margin eps {loop.margin_eps:g}")
-    if loop.margin_temperature > 0:
-        parts.append(f"offset CE T {loop.margin_temperature:g}" + (", pairwise margins" if loop.margin_pairs else ""))
     return "".join(", " + p for p in parts)
 
 
@@ -239,8 +226,6 @@ class TrainOptions:
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)
     margin_eps: float | None = None
-    margin_temperature: float | None = None
-    margin_pairs: bool | None = None
     val_fraction: float | None = None
     val_count: int | None = None
     val_seed: int | None = None
@@ -537,8 +522,6 @@ def _check_unchanged(opts: TrainOptions, loop: LoopConfig) -> None:
         ("batch_size", opts.batch_size, loop.batch_size),
         ("lr", opts.lr, loop.lr),
         ("margin_eps", opts.margin_eps, loop.margin_eps),
-        ("margin_temperature", opts.margin_temperature, loop.margin_temperature),
-        ("margin_pairs", opts.margin_pairs, loop.margin_pairs),
     ):
         if given is not None and given != before:
             raise LipdetError(
@@ -564,9 +547,7 @@ def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunSt
     width = opts.width if opts.width is not None else DEFAULTS["width"]
     model_options = {**default_model_options(arch), **opts.model_options}
     margin_eps = opts.margin_eps if opts.margin_eps is not None else default_margin_eps(arch)
-    margin_t = opts.margin_temperature if opts.margin_temperature is not None else default_margin_temperature(arch)
-    margin_pairs = opts.margin_pairs if opts.margin_pairs is not None else default_margin_pairs(arch)
-    _check_model_request(arch, width, model_options, margin_eps, margin_t, margin_pairs)
+    _check_model_request(arch, width, model_options, margin_eps)
     epochs = opts.epochs if opts.epochs is not None else default_epochs()
     storage = _new_storage(opts, out, arch)
     val_split = opts.val_split() or ValSplit()
@@ -593,8 +574,6 @@ def _plan_new(opts: TrainOptions, out: str, use_gpu: bool | None) -> tuple[RunSt
         fault=opts.fault,
         run_name=storage.name,
         margin_eps=margin_eps,
-        margin_temperature=margin_t,
-        margin_pairs=margin_pairs,
     )
     return storage, loop
 
@@ -613,8 +592,7 @@ def _new_storage(opts: TrainOptions, out: str, arch: str) -> RunStorage:
     return storage
 
 
-def _check_model_request(arch: str, width: float, model_options: dict[str, Any], margin_eps: float,
-                         margin_temperature: float = 0.0, margin_pairs: bool = False) -> None:
+def _check_model_request(arch: str, width: float, model_options: dict[str, Any], margin_eps: float) -> None:
     """Refuse unknown widths/options and a margin the arch cannot certify (before any data is made)."""
     resolve_options(ModelConfig(arch=arch, width=width, input_size=LoopConfig.input_size,
                                 options=dict(model_options)))
@@ -622,12 +600,6 @@ def _check_model_request(arch: str, width: float, model_options: dict[str, Any],
         raise LipdetError(f"margin_eps must be >= 0, got {margin_eps}")
     if margin_eps > 0 and not arch.startswith("sll-"):
         raise LipdetError("margin_eps needs a Lipschitz arch (sll-*): naive has no Lipschitz bound to certify")
-    if margin_temperature < 0 or not math.isfinite(margin_temperature):
-        raise LipdetError(f"margin_temperature must be >= 0, got {margin_temperature}")
-    if margin_temperature > 0 and not arch.startswith("sll-"):
-        raise LipdetError("margin_temperature needs a Lipschitz arch (sll-*): naive's logits have no temperature")
-    if margin_pairs and not (margin_temperature > 0 and margin_eps > 0):
-        raise LipdetError("margin_pairs needs margin_eps > 0 and margin_temperature > 0 (the offset cross-entropy)")
 
 
 def _split_options(split: ValSplit) -> str:

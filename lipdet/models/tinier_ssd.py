@@ -340,9 +340,8 @@ class TinierSSD(nn.Module):
     def num_priors(self) -> int:
         return self.prior_spec.num_priors
 
-    def prior_temperatures(self, detach: bool = True) -> Tensor:
-        """``(P,)`` the current class temperature ``tau_k`` of each prior's scale (1 without one), detached
-        unless ``detach=False`` (then ``logits / prior_temperatures(False)`` has no gradient into ``tau_k``).
+    def prior_temperatures(self) -> Tensor:
+        """``(P,)`` the current class temperature ``tau_k`` of each prior's scale (1 without one), detached.
 
         For ``sll-spectral`` this is exactly the Lipschitz bound of input -> that prior's logits, the
         ``L`` of :func:`lipdet.loss.lipschitz_margin`; for the other archs only the head's factor.
@@ -352,31 +351,9 @@ class TinierSSD(nn.Module):
         for tap in self.taps:
             head = self.cls_heads[tap]
             tau = head.temperature_tensor() if hasattr(head, "temperature_tensor") else None
-            tau = None if tau is None else (tau.detach() if detach else tau)
-            taus.append(tau.reshape(()).float() if tau is not None else torch.ones((), device=dev))
+            taus.append(tau.detach().reshape(()).float() if tau is not None else torch.ones((), device=dev))
         # on the device, without a host sync: this runs every training step under --margin-eps
         return torch.stack(taus).to(dev)[self.prior_maps]
-
-    def prior_class_pair_norms(self) -> Tensor:
-        """``(P, C, C)`` ``||w_i - w_j||_2`` of each prior's class rows, differentiable, pre-temperature units.
-
-        ``w_i`` is row ``i`` of the anchor's slice of its scale's normalised class-head kernel (all
-        ``k x k`` taps: the interior pattern, the largest), i.e. the Lipschitz constant of
-        ``z_i - z_j`` per unit of the tap's Lipschitz bound -- the training-time counterpart of
-        :func:`lipdet.certificates.conv_anchor_rows` (which bounds every border pattern, in float64,
-        for certificates). 0 on the diagonal.
-        """
-        c = self.config.num_classes
-        eye = torch.eye(c, device=self.priors.device)
-        per_map = []
-        for tap, size in zip(self.taps, self.prior_spec.feature_sizes):
-            head = self.cls_heads[tap]
-            w = head.normalised_weight() if hasattr(head, "normalised_weight") else head.weight
-            rows = w.float().reshape(-1, c, w[0].numel())  # (A, C, Cin k k)
-            sq = (rows.unsqueeze(2) - rows.unsqueeze(1)).pow(2).sum(-1)  # (A, C, C)
-            pair = (sq + eye).sqrt() * (1.0 - eye)  # + eye: no infinite gradient of sqrt at 0
-            per_map.append(pair.repeat(size * size, 1, 1))  # prior order: location-major, anchor fastest
-        return torch.cat(per_map)
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Tap outputs ``[(N, C_i, s_i, s_i)]`` for ``images (N, 3, S, S)`` in ``[0, 1]``."""
