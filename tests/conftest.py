@@ -48,6 +48,11 @@ def _private_lipdet_folders(tmp_path_factory):
     for key in USER_PATH_ENV:
         os.environ[key] = str(tmp_path_factory.mktemp(key.lower().replace("_", "-")))
     yield
+    _restore_env(saved)
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    """Put back the environment variables ``saved`` (``None``: it was not set)."""
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -62,11 +67,7 @@ def _quick_ray_train():
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    _restore_env(saved)
 
 
 @pytest.fixture(autouse=True, scope="session")
