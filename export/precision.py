@@ -255,19 +255,21 @@ def squared_domain_nodes(model: onnx.ModelProto) -> list[str]:
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    picked: list[str] = []
+    picked: dict[str, None] = {}  # ordered set
     for start in (n for n in model.graph.node if n.op_type == "Mul" and len(n.input) == 2 and n.input[0] == n.input[1]):
-        todo, seen = [start], set()
+        todo, seen, ends_in_sqrt = [start], {}, False
         while todo:
             n = todo.pop()
             if n.name in seen or n.name in convs:
                 continue
-            seen.add(n.name)
-            if n.op_type != "Sqrt":
+            seen[n.name] = None
+            if n.op_type == "Sqrt":
+                ends_in_sqrt = True
+            else:
                 todo += [c for o in n.output for c in consumers.get(o, [])]
-        if any(n.op_type == "Sqrt" and n.name in seen for n in model.graph.node):  # a square that is not a norm: left alone
-            picked += [n.name for n in model.graph.node if n.name in seen and n.name not in picked]
-    return picked
+        if ends_in_sqrt:  # a square that is not a norm is left alone
+            picked.update(seen)
+    return list(picked)
 
 
 def _conv_layers(model: onnx.ModelProto) -> dict[str, str]:
