@@ -101,6 +101,9 @@ def test_train_refuses_before_data_ray_or_files(args, message, fresh, capsys):
         (["missing.pt"], "checkpoint not found"),
         (["--precision", "fp8", "missing.pt"], "Invalid value for '--precision'"),
         (["--calib-n", "0", "missing.pt"], "--calib-n"),
+        (["--target", "avx", "missing.pt"], "Invalid value for '--target'"),
+        (["--precision", "int8", "--target", "ort-vnni", "--trt", "missing.pt"],
+         "target 'ort-vnni' makes uint8 asymmetric activations, which TensorRT rejects"),
         pytest.param(["--trt", "missing.pt"], "TensorRT needs an NVIDIA GPU", marks=NEEDS_NO_GPU),
     ],
 )
