@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import io
 import os
@@ -46,15 +45,11 @@ Ray cluster (raylet, GCS, controller, ...), and this process (the client threads
 
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds (user + system) so far of this process and its descendants, by :data:`ROLES` ({} without /proc)."""
-    tick, stats = os.sysconf("SC_CLK_TCK"), {}
-    try:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    stats[int(entry.name)] = (cmd, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    except OSError:
+    from lipdet.hardware import process_table
+
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {pid: (cmd, ppid, ticks / tick) for pid, (cmd, ppid, ticks) in process_table().items()}
+    if not stats:
         return {}
     mine, grew = {os.getpid()}, True
     while grew:  # descendants: the local Ray cluster this process started

@@ -63,6 +63,7 @@ import torch  # noqa: E402
 from lipdet.cluster import local_cores as cores  # noqa: E402
 from lipdet.cluster import ray_session  # noqa: E402
 from lipdet.data.dataset import detection_collate, resolve_data  # noqa: E402
+from lipdet.hardware import process_table  # noqa: E402
 from lipdet.hardware import machine  # noqa: E402
 from lipdet.train.loop import load_split, load_train_state  # noqa: E402
 from lipdet.train.recipe import LoopConfig, Training, build_training  # noqa: E402
@@ -187,20 +188,7 @@ def _proc_stat() -> tuple[int, int]:
 
 def _matching_jiffies(match: str) -> dict[int, int]:
     """utime + stime jiffies (all threads) of every process whose ``/proc/PID/cmdline`` contains ``match``."""
-    out = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                if match.encode() not in f.read():
-                    continue
-            with open(f"/proc/{entry.name}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()  # fields after the (command name)
-            out[int(entry.name)] = int(rest[11]) + int(rest[12])  # utime, stime: fields 14 and 15
-        except (OSError, IndexError, ValueError):  # the process ended meanwhile
-            continue
-    return out
+    return {pid: ticks for pid, (cmd, _, ticks) in process_table().items() if match in cmd}
 
 
 @dataclass

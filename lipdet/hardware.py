@@ -169,3 +169,24 @@ def cpu_precision(requested: str, m: Machine, speedup: float) -> PrecisionChoice
         return PrecisionChoice("bf16", f"auto: native bf16 ({m.isa()}), {measured}")
     why = "no native bf16 (no AMX/AVX512-BF16)" if not m.native_bf16 else "native bf16 but not faster"
     return PrecisionChoice("fp32", f"auto: {why} on {m.isa()}, {measured}")
+
+
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """``{pid: (cmdline, ppid, cpu)}`` of every process readable in ``/proc`` ({} without it): the command
+    line with NULs as spaces, the parent pid and ``utime + stime`` in clock ticks (all threads;
+    ``os.sysconf("SC_CLK_TCK")`` per second). Processes that end while it reads are left out."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        entries = [e for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return out
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry.name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()  # the fields after "(command name)"
+            out[int(entry.name)] = (cmd, int(rest[1]), int(rest[11]) + int(rest[12]))  # ppid; utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return out

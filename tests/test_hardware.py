@@ -63,3 +63,21 @@ def test_choose_precision_on_this_cpu_agrees_with_the_probe():
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
         choose_precision("int4", torch.device("cpu"))
     assert PRECISION_CHOICES[0] == "auto"
+
+
+def test_process_table_reads_this_process():
+    """/proc's view of this process: its command line, its parent, and CPU ticks that grow with work."""
+    import os
+    import sys
+    import time
+
+    from lipdet.hardware import process_table
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    cmd, ppid, ticks = process_table()[os.getpid()]
+    assert ppid == os.getppid() and "python" in cmd or sys.executable in cmd
+    end = time.process_time() + 0.1
+    while time.process_time() < end:
+        pass
+    assert process_table()[os.getpid()][2] > ticks
