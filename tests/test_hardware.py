@@ -76,7 +76,7 @@ def test_process_table_reads_this_process():
     if not os.path.isdir("/proc"):
         pytest.skip("no /proc")
     cmd, ppid, ticks = process_table()[os.getpid()]
-    assert ppid == os.getppid() and "python" in cmd or sys.executable in cmd
+    assert ppid == os.getppid() and ("python" in cmd or sys.executable in cmd)
     end = time.process_time() + 0.1
     while time.process_time() < end:
         pass
