@@ -59,7 +59,7 @@ def command(
     """Serve a deployed model over HTTP on Ray Serve, with dynamic batching across requests.
 
     Endpoints: POST /v1/detect (PNG/JPEG of any size -> detections in its pixels, COCO bbox),
-    POST /v1/infer (.npy float32 N x 3 x S x S -> raw outputs, .npz), GET /v1/model (model card,
+    POST /v1/infer (.npy float32 in [0,1] or uint8 N x 3 x S x S -> raw outputs, .npz), GET /v1/model (model card,
     sha256s), GET /v1/model/onnx (the ONNX twin), GET /healthz (ready after a warm-up batch).
     Ctrl-C stops the server.
 

@@ -7,7 +7,7 @@ Endpoints (the Ray Serve deployment in :mod:`lipdet.deploy.serve` routes them he
   "model": {...}}``, boxes in the image's own pixels (COCO results style). ``certified_radius``
   (``{"cls", "box", "radius", "binding"}``, :data:`lipdet.certificates.DETECTION_DEFINITION`) is there for
   every model with a lipdet card (its twin gives the bounds), absent for a foreign ONNX.
-* ``POST /v1/infer``: body = a ``.npy`` float32 array ``(N, 3, S, S)`` in ``[0, 1]`` -> a ``.npz``
+* ``POST /v1/infer``: body = a ``.npy`` array ``(N, 3, S, S)``, float32 in ``[0, 1]`` or uint8 pixels -> a ``.npz``
   with the engine's raw ``loc (N, P, 4)`` and ``logits (N, P, C)`` float32, before any
   post-processing. This is what ``lipdet eval http://...`` scores and attacks (the same numbers
   ``backend(images)`` gives in process).
@@ -157,7 +157,10 @@ class ModelService:
 
 
 def read_tensor_body(data: bytes, size: int) -> Tensor:
-    """A ``POST /v1/infer`` body (``.npy`` float32 ``(N, 3, size, size)`` in ``[0, 1]``) as a tensor.
+    """A ``POST /v1/infer`` body as a float32 ``(N, 3, size, size)`` tensor in ``[0, 1]``.
+
+    The body is a ``.npy`` array of that shape: float32 in ``[0, 1]`` (model inputs, e.g. adversarial
+    images), or uint8 pixels ``0..255`` (divided by 255 here; a quarter of the bytes, what a camera frame is).
 
     Raises:
         ImageError: 413 over :data:`MAX_BODY_BYTES`; 400 for anything but such an array.
@@ -169,11 +172,14 @@ def read_tensor_body(data: bytes, size: int) -> Tensor:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ImageError(f"body is not a .npy array ({str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 4 or arr.shape[1:] != (3, size, size):
+    ok = isinstance(arr, np.ndarray) and arr.dtype in (np.float32, np.uint8) and arr.ndim == 4
+    if not ok or arr.shape[1:] != (3, size, size):
         what = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise ImageError(f"expected a float32 array of shape (N, 3, {size}, {size}), got {what}")
+        raise ImageError(f"expected a float32 or uint8 array of shape (N, 3, {size}, {size}), got {what}")
     if len(arr) == 0:
         raise ImageError("the array holds no images (N = 0)")
+    if arr.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
     if not (arr.min() >= 0 and arr.max() <= 1):  # NaN propagates through min/max and fails both tests; so do +-inf
         raise ImageError("pixel values must be finite and in [0, 1]")
     return torch.from_numpy(np.ascontiguousarray(arr))
@@ -182,7 +188,7 @@ def read_tensor_body(data: bytes, size: int) -> Tensor:
 def write_outputs(loc: Tensor, logits: Tensor) -> bytes:
     """The ``POST /v1/infer`` answer: ``.npz`` bytes with float32 ``loc`` and ``logits``."""
     buf = io.BytesIO()
-    np.savez(buf, loc=loc.numpy().astype(np.float32), logits=logits.numpy().astype(np.float32))
+    np.savez(buf, loc=np.asarray(loc.numpy(), dtype=np.float32), logits=np.asarray(logits.numpy(), dtype=np.float32))
     return buf.getvalue()
 
 

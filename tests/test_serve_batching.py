@@ -37,7 +37,7 @@ def batched_server(ray_cluster):
 
 
 def post_infer(url: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``POST /v1/infer`` with ``(N, 3, S, S)`` images -> the server's raw ``loc``, ``logits``."""
+    """``POST /v1/infer`` with ``(N, 3, S, S)`` images (float32 or uint8) -> the server's raw ``loc``, ``logits``."""
     buf = io.BytesIO()
     np.save(buf, images.numpy())
     req = urllib.request.Request(f"{url}/v1/infer", data=buf.getvalue(), headers={"Content-Type": NPY_TYPE})
@@ -69,3 +69,23 @@ def test_large_and_concurrent_requests_get_their_own_rows(batched_server):
             assert loc.shape == ref_loc.shape and logits.shape == ref_logits.shape
             torch.testing.assert_close(loc, ref_loc, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_uint8_frames_are_pixels_over_255(batched_server):
+    """A uint8 ``.npy`` (camera frames, a quarter of the bytes) answers exactly what the float32 images
+    ``frames / 255`` give in process; a uint8 array of the wrong shape is a 400 naming both dtypes."""
+    from lipdet.deploy.http_api import read_tensor_body
+    from lipdet.deploy.images import ImageError
+    from lipdet.deploy.serve import open_backend
+
+    backend = open_backend(FIXTURES / "model.onnx", "cpu")
+    s = backend.input_size
+    frames = torch.randint(0, 256, (5, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    loc, logits = post_infer(batched_server, frames)
+    ref_loc, ref_logits = backend(frames.float() / 255.0)
+    torch.testing.assert_close(loc, ref_loc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 3, s, s + 1), np.uint8))
+    with pytest.raises(ImageError, match="float32 or uint8 array of shape"):
+        read_tensor_body(buf.getvalue(), s)
