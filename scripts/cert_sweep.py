@@ -63,14 +63,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 CERT_EPS = (0.025, 0.05, 0.1, 0.25, 0.5)
 
 
-def loop_config(spec: dict[str, Any], use_gpu: bool) -> LoopConfig:
+def loop_config(spec: dict[str, Any], use_gpu: bool, precision: str = "fp32") -> LoopConfig:
     """``lipdet train --arch sll-spectral``'s config (defaults, synthetic SVHN, seed 0) with ``spec``'s changes."""
     arch = spec.get("arch", "sll-spectral")
     return LoopConfig(
         arch=arch, width=float(spec.get("width", 1.0)),
         model_options={**default_model_options(arch), **spec.get("options", {})},
         margin_eps=float(spec.get("margin_eps", default_margin_eps(arch))), lr=default_lr(arch),
-        data_root=str(resolve_data(None)), synthetic=True, use_gpu=use_gpu, precision="fp32", seed=0,
+        data_root=str(resolve_data(None)), synthetic=True, use_gpu=use_gpu, precision=precision, seed=0,
     )
 
 
@@ -121,9 +121,9 @@ def recertify(checkpoint: Path, device: torch.device) -> dict:
 
 
 def run_variant(name: str, out: Path, device: torch.device, budget_s: float, max_epochs: int, eval_every: int,
-                limit: int = 0) -> dict:
+                limit: int = 0, precision: str = "fp32") -> dict:
     t_start = time.perf_counter()
-    cfg = loop_config(VARIANTS[name], device.type == "cuda")
+    cfg = loop_config(VARIANTS[name], device.type == "cuda", precision)
     train_ds, val_ds = load_split(cfg, "train", limit), load_split(cfg, "val", limit // 4)
     images = torch.stack([train_ds[i][0] for i in range(len(train_ds))]).to(device)
     targets = [{k: train_ds[i][1][k].to(device) for k in ("boxes", "labels")} for i in range(len(train_ds))]
@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--limit", type=int, default=0, help="train images (validation: a quarter); 0 = all (dry runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per variant process")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="training autocast precision (lipdet train --precision auto picks bf16 where it is native)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant here
     ap.add_argument("--recertify", type=Path, default=None, metavar="CKPT",
                     help="only calibrate and certify a checkpoint an earlier sweep wrote, print its JSON")
@@ -196,7 +198,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
         torch.set_num_threads(args.threads)
-        run_variant(args.one, args.out, torch.device(args.device), args.budget_s, args.max_epochs, args.eval_every, args.limit)
+        run_variant(args.one, args.out, torch.device(args.device), args.budget_s, args.max_epochs, args.eval_every, args.limit,
+                    args.precision)
         return
     cfg = loop_config({}, False)
     load_split(cfg, "train")  # synthesise the data and build the crop cache once, before the variants start
@@ -204,7 +207,8 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, __file__, "--out", str(args.out), "--variants", name, "--one", name,
                "--device", args.device, "--budget-s", str(args.budget_s), "--max-epochs", str(args.max_epochs),
-               "--eval-every", str(args.eval_every), "--threads", str(args.threads), "--limit", str(args.limit)]
+               "--eval-every", str(args.eval_every), "--threads", str(args.threads), "--limit", str(args.limit),
+               "--precision", args.precision]
         procs[name] = subprocess.Popen(cmd)
     codes = {name: p.wait() for name, p in procs.items()}
     summary = {}
