@@ -63,8 +63,7 @@ import torch  # noqa: E402
 from lipdet.cluster import local_cores as cores  # noqa: E402
 from lipdet.cluster import ray_session  # noqa: E402
 from lipdet.data.dataset import detection_collate, resolve_data  # noqa: E402
-from lipdet.hardware import process_table  # noqa: E402
-from lipdet.hardware import machine  # noqa: E402
+from lipdet.hardware import machine, process_table  # noqa: E402
 from lipdet.train.loop import load_split, load_train_state  # noqa: E402
 from lipdet.train.recipe import LoopConfig, Training, build_training  # noqa: E402
 from lipdet.train.trainer import RunPlan, build_trainer  # noqa: E402

@@ -46,7 +46,7 @@ from lipdet.models.lipschitz import head_bounds
 from lipdet.postprocess import postprocess
 from lipdet.train.calibrate import fit_class_temperatures
 from lipdet.train.loop import augment_batch, evaluate, load_split, validation_record
-from lipdet.train.recipe import LoopConfig, build_training
+from lipdet.train.recipe import PRECISIONS, LoopConfig, build_training
 from lipdet.train.trainer import default_lr, default_margin_eps, default_model_options
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--limit", type=int, default=0, help="train images (validation: a quarter); 0 = all (dry runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per variant process")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
                     help="training autocast precision (lipdet train --precision auto picks bf16 where it is native)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant here
     ap.add_argument("--recertify", type=Path, default=None, metavar="CKPT",
