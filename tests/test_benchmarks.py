@@ -120,3 +120,10 @@ def test_bounds_benchmark_times_every_bound_of_one_arch():
 
 def test_bounds_benchmark_rejects_bad_options(monkeypatch, capsys):
     assert _refused(BOUNDS, ["--width", "0"], monkeypatch, capsys).endswith("--width must be > 0")
+
+
+@pytest.mark.parametrize("args, message", [(["--dtypes", "int16"], "argument --dtypes: invalid choice: 'int16'"),
+                                           (["--images", "0"], "--images must be >= 1")])
+def test_serve_benchmark_refuses_bad_options(args, message, monkeypatch, capsys):
+    """benchmarks/serve.py: an unknown /v1/infer body dtype or a bad count exits 2 with one line, before Ray."""
+    assert message in _refused(SCRIPT.parent / "serve.py", args, monkeypatch, capsys)
