@@ -33,18 +33,29 @@ TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
     # exported graph vs the fp32 reference (ONNX Runtime vs torch for fp32, else vs ORT fp32)
     ("onnx", "fp32"): {"rel": 1e-4, "cosine": 0.999999},
     ("onnx", "fp16"): {"rel": 1e-2, "cosine": 0.9999},
-    ("onnx", "int8"): {"rel": 0.25, "cosine": 0.98},
+    # int8: the error's energy (relative RMS = 10^(-SQNR/20); 0.1 is 20 dB) and direction, not its largest element
+    ("onnx", "int8"): {"rms": 0.1, "cosine": 0.995},
     # TensorRT engine vs ONNX Runtime on the same batch
     ("tensorrt", "fp32"): {"rel": 1e-3, "cosine": 0.99999},
     ("tensorrt", "fp16"): {"rel": 2e-2, "cosine": 0.999},
-    ("tensorrt", "int8"): {"rel": 0.25, "cosine": 0.98},
+    ("tensorrt", "int8"): {"rms": 0.1, "cosine": 0.995},
     # differentiable twin vs deployed engine: max |a - b| <= rel * max(max |ref|, 1) (see twin_tolerance)
     ("twin", "fp32"): {"rel": 1e-4},
     ("twin", "fp16"): {"rel": 2e-2},
     ("twin", "int8"): {"rel": 0.25},
 }
 """Parity tolerances by ``(check, precision)``: ``rel`` is the largest allowed max abs diff over
-the largest reference magnitude (a fraction), ``cosine`` the smallest allowed cosine similarity."""
+the largest reference magnitude (a fraction), ``rms`` the largest allowed relative RMS error
+(``||out - ref|| / ||ref||`` per output), ``cosine`` the smallest allowed cosine similarity.
+
+fp32 and fp16 graphs compute the same function up to rounding, so their largest single difference is
+bounded. An int8 graph does not: calibrated activation ranges clip rare extreme values, e.g. the most
+negative logit of some anchor (-7.03 read back as -5.24 on the trained model of
+``test_int8_of_a_trained_model_passes_parity_within_a_point_of_fp32``, rel 0.255, with every
+detection and map_50 within 0.6 points unchanged). Its gate is therefore on the relative RMS error
+(0.1 = 20 dB SQNR, the unit of ONNX Runtime's ``qdq_loss_debug``) and the cosine; a saturating kernel
+(u8s8 with 8-bit weights on AVX2 without VNNI: cosine 0.986) still fails it, and ``max_abs`` / ``rel``
+are reported with every check."""
 
 
 def tolerance(check: str, precision: str) -> dict[str, float]:
@@ -55,19 +66,19 @@ def tolerance(check: str, precision: str) -> dict[str, float]:
 def within(stats: dict[str, float], check: str, precision: str) -> bool:
     """Whether :func:`compare` stats meet the ``(check, precision)`` tolerance (NaN fails)."""
     tol = tolerance(check, precision)
-    ok = stats["rel"] <= tol["rel"]
-    if "cosine" in tol:
-        ok = ok and stats["cosine"] >= tol["cosine"]
-    return ok
+    ok = all(stats[k] <= tol[k] for k in ("rel", "rms") if k in tol)
+    return ok and ("cosine" not in tol or stats["cosine"] >= tol["cosine"])
 
 
 def compare(out: Sequence[torch.Tensor | np.ndarray], ref: Sequence[torch.Tensor | np.ndarray]) -> dict[str, float]:
-    """Agreement of ``(loc, logits)`` pairs: max abs diff, max rel diff (vs max |ref|), min cosine.
+    """Agreement of ``(loc, logits)`` pairs: max abs diff, max rel diff (vs max |ref|), max relative RMS
+    error, min cosine.
 
-    Cosine is computed per output over the whole flattened batch; ``rel`` divides the max abs
-    diff by the largest reference magnitude of the same output.
+    Cosine and ``rms`` (``||a - b|| / ||b||``) are computed per output over the whole flattened batch;
+    ``rel`` divides the max abs diff by the largest reference magnitude of the same output. Each is the
+    worst over the outputs.
     """
-    max_abs, rel, cos = 0.0, 0.0, 1.0
+    max_abs, rel, rms, cos = 0.0, 0.0, 0.0, 1.0
     for a, b in zip(out, ref):
         a64, b64 = _flat64(a), _flat64(b)
         if a64.shape != b64.shape:
@@ -79,7 +90,8 @@ def compare(out: Sequence[torch.Tensor | np.ndarray], ref: Sequence[torch.Tensor
         na, nb = float(a64.norm()), float(b64.norm())
         c = 1.0 if na == 0 and nb == 0 else float(a64 @ b64) / max(na * nb, 1e-300)
         cos = min(cos, c)
-    return {"max_abs": max_abs, "rel": rel, "cosine": cos}
+        rms = max(rms, float((a64 - b64).norm()) / max(nb, 1e-300) if a64.numel() else 0.0)
+    return {"max_abs": max_abs, "rel": rel, "rms": rms, "cosine": cos}
 
 
 def _flat64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -89,7 +101,8 @@ def _flat64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def format_stats(stats: dict[str, float]) -> str:
     """One line for :func:`compare` stats: max abs diff, its relative size, cosine."""
-    return f"max abs diff {stats['max_abs']:.3g} (rel {stats['rel']:.3g}), cosine {stats['cosine']:.6f}"
+    rms = f", rms {stats['rms']:.3g}" if "rms" in stats else ""  # stats read from older cards have none
+    return f"max abs diff {stats['max_abs']:.3g} (rel {stats['rel']:.3g}){rms}, cosine {stats['cosine']:.6f}"
 
 
 # ----------------------------------------------------------------------------------------------
