@@ -74,13 +74,14 @@ def command(
       curl -s --data-binary @house.png http://127.0.0.1:8000/v1/detect
     """
     from lipdet.cluster import ray_session
-    from lipdet.deploy.serve import ServeOptions, check_port_free, open_backend
+    from lipdet.deploy.serve import ServeOptions, check_port_free, open_backend, serve_environment
 
     path = resolve_served_model(model)
     options = ServeOptions(model=path.resolve(), replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                            host=host, port=port, device=device, log_requests=log_requests).validate()
     check_port_free(host, port)
     backend = open_backend(options.model, device)  # a missing or corrupt model is refused before Ray starts
+    serve_environment()
     with ray_session(address, num_cpus=replicas if device == "cpu" else 1):
         from ray import serve
 

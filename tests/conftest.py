@@ -88,6 +88,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        from lipdet.deploy.serve import serve_environment
+
+        serve_environment()  # the Ray Serve settings `lipdet serve` starts its cluster with (the serve tests use them)
         ray.init(
             address="local",  # never a `ray start` cluster that another test or user runs on this machine
             num_cpus=RAY_NUM_CPUS,

@@ -172,6 +172,17 @@ def test_healthz_and_model_card(server, exported):
     assert status == 200 and onnx == exported.read_bytes()
 
 
+def test_replicas_run_with_lipdet_serve_settings(server):
+    """The replica that answers /healthz (its pid) runs with :data:`SERVE_ENV`: the Ray Serve settings reach
+    the processes of the cluster, not only this one."""
+    from lipdet.deploy.serve import SERVE_ENV
+
+    status, body = call(f"{server}/healthz")
+    pid = json.loads(body)["replica"]["pid"]
+    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    assert status == 200 and {k: environ.get(k) for k in SERVE_ENV} == SERVE_ENV
+
+
 def test_detect_answers_what_the_file_gives(server, exported, crops):
     """Dataset crops as PNG (input-sized: no resampling) and one wide JPEG-free letterboxed image,
     sent by 8 concurrent clients so that the replica batches them: the same detections as in process."""
