@@ -35,7 +35,7 @@ from torch import nn
 
 from lipdet.artifacts import CARD_KEY, ModelCard
 from lipdet.errors import LipdetError
-from lipdet.parity import ParityError, compare, format_stats, tolerance  # ParityError, compare: also re-exported
+from lipdet.parity import ParityError, compare, format_stats, tolerance, worst  # ParityError, compare: also re-exported
 
 
 INPUT_NAME = "images"
@@ -249,7 +249,7 @@ def check_fold(model: nn.Module, folded: nn.Module, images: torch.Tensor,
     folded.eval()
     gen = torch.Generator().manual_seed(0)
     rand = torch.rand(images.shape, generator=gen)
-    worst: dict[str, float] = {"max_abs": 0.0, "rel": 0.0, "cosine": 1.0}
+    checked = []
     for name, x in (("real", images), ("random", rand)):
         stats = compare(folded(x), model(x))
         if stats["rel"] > rtol:
@@ -257,9 +257,8 @@ def check_fold(model: nn.Module, folded: nn.Module, images: torch.Tensor,
                 f"folded model differs from the trained one on {name} inputs: {format_stats(stats)}"
                 f" (tolerance {rtol:g} relative); refusing to export"
             )
-        worst = {"max_abs": max(worst["max_abs"], stats["max_abs"]), "rel": max(worst["rel"], stats["rel"]),
-                 "cosine": min(worst["cosine"], stats["cosine"])}
-    return worst
+        checked.append(stats)
+    return worst(*checked)
 
 
 def ort_session(model: onnx.ModelProto | str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):

@@ -83,15 +83,21 @@ def compare(out: Sequence[torch.Tensor | np.ndarray], ref: Sequence[torch.Tensor
         a64, b64 = _flat64(a), _flat64(b)
         if a64.shape != b64.shape:
             raise LipdetError(f"output shapes differ: {tuple(a64.shape)} vs {tuple(b64.shape)}")
-        d = float((a64 - b64).abs().max()) if a64.numel() else 0.0
+        diff = a64 - b64
+        d = float(diff.abs().max()) if diff.numel() else 0.0
         scale = float(b64.abs().max()) if b64.numel() else 0.0
         max_abs = max(max_abs, d)
         rel = max(rel, d / max(scale, 1e-12))
         na, nb = float(a64.norm()), float(b64.norm())
         c = 1.0 if na == 0 and nb == 0 else float(a64 @ b64) / max(na * nb, 1e-300)
         cos = min(cos, c)
-        rms = max(rms, float((a64 - b64).norm()) / max(nb, 1e-300) if a64.numel() else 0.0)
+        rms = max(rms, float(diff.norm()) / max(nb, 1e-300))  # an empty output: 0 / 1e-300 = 0
     return {"max_abs": max_abs, "rel": rel, "rms": rms, "cosine": cos}
+
+
+def worst(*stats: dict[str, float]) -> dict[str, float]:
+    """The worst of several :func:`compare` results, key by key (largest differences, smallest cosine)."""
+    return {k: (min if k == "cosine" else max)(s[k] for s in stats) for k in stats[0]}
 
 
 def _flat64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -100,9 +106,9 @@ def _flat64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def format_stats(stats: dict[str, float]) -> str:
-    """One line for :func:`compare` stats: max abs diff, its relative size, cosine."""
-    rms = f", rms {stats['rms']:.3g}" if "rms" in stats else ""  # stats read from older cards have none
-    return f"max abs diff {stats['max_abs']:.3g} (rel {stats['rel']:.3g}){rms}, cosine {stats['cosine']:.6f}"
+    """One line for :func:`compare` stats: max abs diff, its relative size, relative RMS error, cosine."""
+    return (f"max abs diff {stats['max_abs']:.3g} (rel {stats['rel']:.3g}), rms {stats['rms']:.3g}, "
+            f"cosine {stats['cosine']:.6f}")
 
 
 # ----------------------------------------------------------------------------------------------
