@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model.name}: clients {args.clients}, batch {args.batch}, wait {args.wait_ms:g} ms, "
               f"{args.seconds:g} s per row, {local_cores()} cores")
         rows = [in_process(model, args.batch, args.seconds), in_process(model, args.images, args.seconds)]
-        from lipdet.deploy.serve import serve_environment
+        from lipdet.deploy.serve_env import serve_environment
 
         serve_environment()  # lipdet serve's Ray Serve settings, before the local cluster starts
         with ray_session(None, num_cpus=max(args.replicas)):

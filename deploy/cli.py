@@ -74,7 +74,8 @@ def command(
       curl -s --data-binary @house.png http://127.0.0.1:8000/v1/detect
     """
     from lipdet.cluster import ray_session
-    from lipdet.deploy.serve import ServeOptions, check_port_free, open_backend, serve_environment
+    from lipdet.deploy.serve import ServeOptions, check_port_free, open_backend
+    from lipdet.deploy.serve_env import serve_environment
 
     path = resolve_served_model(model)
     options = ServeOptions(model=path.resolve(), replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,

@@ -44,18 +44,6 @@ from lipdet.deploy.images import MAX_BODY_BYTES, ImageError, check_body_size, de
 from lipdet.errors import LipdetError
 
 APP_NAME = "lipdet"
-SERVE_ENV: dict[str, str] = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-}
-"""Ray Serve settings ``lipdet serve`` runs with: the request-path part of Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED``
-(handlers on the replica's own event loop, buffered request-path logs, gRPC from proxy to replica), without its
-direct ingress (replicas listening on their own ports, no proxy), which would change what ``--host``/``--port`` mean.
-Measured with ``benchmarks/serve.py`` (1 replica, 8 clients x 8 uint8 images, interleaved runs): 4-16% more images/s
-and 10% less CPU per image, most of it in the proxy and Ray's own processes. Read by Ray's processes when they start:
-:func:`serve_environment` sets them before a local cluster starts; a cluster joined with ``--address`` keeps its own."""
 DRAIN_LIMIT = 8 * MAX_BODY_BYTES
 """Most bytes of an oversized body read before answering 413 (see :func:`read_body`)."""
 log = logging.getLogger("lipdet.serve")
@@ -114,13 +102,6 @@ class ServeOptions:
                 f"replicas {self.replicas} (1 {per} each)  max batch {self.max_batch}, batch wait "
                 f"{self.batch_wait_ms:g} ms  certified radius {cert}  request log "
                 f"{'on' if self.log_requests else 'off'}  (Ctrl-C stops)")
-
-
-def serve_environment() -> None:
-    """Put :data:`SERVE_ENV` into this process's environment (a value the user set wins), so that the processes
-    of a local Ray cluster started afterwards (proxy, replicas) inherit it."""
-    for key, value in SERVE_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 def open_backend(model: Path, device: str) -> Backend:

@@ -88,7 +88,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        from lipdet.deploy.serve import serve_environment
+        from lipdet.deploy.serve_env import serve_environment
 
         serve_environment()  # the Ray Serve settings `lipdet serve` starts its cluster with (the serve tests use them)
         ray.init(

@@ -175,7 +175,7 @@ def test_healthz_and_model_card(server, exported):
 def test_replicas_run_with_lipdet_serve_settings(server):
     """The replica that answers /healthz (its pid) runs with :data:`SERVE_ENV`: the Ray Serve settings reach
     the processes of the cluster, not only this one."""
-    from lipdet.deploy.serve import SERVE_ENV
+    from lipdet.deploy.serve_env import SERVE_ENV
 
     status, body = call(f"{server}/healthz")
     pid = json.loads(body)["replica"]["pid"]
