@@ -3,10 +3,11 @@
 Each replica (:class:`DetectorServer`) loads the artifact through :mod:`lipdet.deploy.backends`
 (ONNX Runtime with one intra-op thread per CPU replica, or TensorRT), computes the per-anchor
 certificate bounds once from the artifact's twin (:func:`lipdet.deploy.http_api.certificate_bounds`),
-answers one warm-up batch, then serves the API of :mod:`lipdet.deploy.http_api`. Requests from any number of clients are
-merged into engine batches by ``@serve.batch`` (up to ``max_batch`` images, waiting at most
-``batch_wait_ms`` for a batch to fill). Ray Serve spreads the replicas over the cluster, one CPU
-(``--device cpu``) or one GPU (``--device cuda``) each, and replaces a replica that dies.
+answers one warm-up batch of ``max_batch`` images, then serves the API of :mod:`lipdet.deploy.http_api`.
+Requests from any number of clients are merged into engine batches by its
+:class:`~lipdet.deploy.batching.EngineBatcher` (up to ``max_batch`` images, formed when the engine is free,
+waiting at most ``batch_wait_ms`` for a batch to fill). Ray Serve spreads the replicas over the cluster, one
+CPU (``--device cpu``) or one GPU (``--device cuda``) each, and replaces a replica that dies.
 
 Ray and FastAPI are imported by this module: import it only to serve (the CLI does so lazily).
 """
@@ -15,6 +16,7 @@ Ray and FastAPI are imported by this module: import it only to serve (the CLI do
 # class decoration time, and Ray Serve's ingress re-wraps the methods where string annotations do not resolve.
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -31,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lipdet.artifacts import artifact_kind
 from lipdet.deploy.backends import Backend, OrtBackend, load_backend
+from lipdet.deploy.batching import EngineBatcher
 from lipdet.deploy.http_api import (
     ENDPOINTS,
     NPZ_TYPE,
@@ -163,11 +166,6 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def images_in(chunks: list[torch.Tensor]) -> int:
-    """Images in a list of ``(n, 3, S, S)`` request parts: what ``@serve.batch`` counts against ``max_batch``."""
-    return sum(len(c) for c in chunks)
-
-
 def _failure(e: Exception) -> JSONResponse:
     if isinstance(e, ImageError):
         return JSONResponse(error_body(e.message), status_code=e.status)
@@ -186,25 +184,13 @@ class DetectorServer:
         self.options = options
         self.ready = False
         self.service = ModelService.create(open_backend(options.model, options.device), options.settings())
-        self.engine.set_max_batch_size(options.max_batch)
-        self.engine.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
-        self.service.warm_up(min(options.max_batch, 8))
+        self.engine = EngineBatcher(self.service.run, options.max_batch, options.batch_wait_ms / 1000.0)
+        self.service.warm_up(options.max_batch)
+        gc.freeze()  # the replica's start-up objects leave the collector: no 100+ ms full collections under load
         self.ready = True
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=images_in)
-    async def engine(self, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Ray Serve's batch: ``chunks`` are ``(n, 3, S, S)`` tensors from concurrent requests, at most
-        ``max_batch`` images in all (:func:`images_in`); each gets its rows of ``loc (n, P, 4)``, ``logits (n, P, C)``.
-
-        One queue entry per request part rather than per image: a request of 8 images costs one future, and
-        the engine input is one ``cat`` of the parts (no stacking of single images, no re-stacking of outputs).
-        """
-        loc, logits = await asyncio.get_running_loop().run_in_executor(None, self.service.run, torch.cat(chunks))
-        sizes = [len(c) for c in chunks]
-        return list(zip(loc.split(sizes), logits.split(sizes)))
-
     async def infer_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, 3, S, S)`` through :meth:`engine` in parts of at most ``max_batch`` images -> raw ``loc``, ``logits``."""
+        """``(N, 3, S, S)`` through the batcher in parts of at most ``max_batch`` images -> raw ``loc``, ``logits``."""
         outs = await asyncio.gather(*[self.engine(part) for part in images.split(self.options.max_batch)])
         if len(outs) == 1:
             return outs[0]

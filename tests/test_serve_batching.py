@@ -1,8 +1,8 @@
-"""lipdet serve's dynamic batching: request parts, not single images, are ``@serve.batch``'s entries.
+"""lipdet serve's dynamic batching in a served replica (the batcher alone: ``test_engine_batcher.py``).
 
 Real Ray Serve (one replica, on the session's Ray cluster), real HTTP on 127.0.0.1, the v0.1-main ONNX
 fixture in ONNX Runtime. A request larger than ``--max-batch`` is split into parts of at most that many
-images, concurrent requests' parts share engine calls (``images_in`` counts images against the limit),
+images, concurrent requests' parts share engine calls (the batcher counts images against the limit),
 and every request gets back exactly its own rows: the numbers the same file gives in process.
 """
 
@@ -43,13 +43,6 @@ def post_infer(url: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     req = urllib.request.Request(f"{url}/v1/infer", data=buf.getvalue(), headers={"Content-Type": NPY_TYPE})
     with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
         return read_outputs(r.read())
-
-
-def test_images_in_counts_images_not_requests():
-    from lipdet.deploy.serve import images_in
-
-    assert images_in([torch.zeros(3, 3, 8, 8), torch.zeros(1, 3, 8, 8)]) == 4
-    assert images_in([]) == 0
 
 
 def test_large_and_concurrent_requests_get_their_own_rows(batched_server):
