@@ -16,7 +16,6 @@ Ray and FastAPI are imported by this module: import it only to serve (the CLI do
 # class decoration time, and Ray Serve's ingress re-wraps the methods where string annotations do not resolve.
 
 import asyncio
-import gc
 import logging
 import os
 import socket
@@ -186,7 +185,6 @@ class DetectorServer:
         self.service = ModelService.create(open_backend(options.model, options.device), options.settings())
         self.engine = EngineBatcher(self.service.run, options.max_batch, options.batch_wait_ms / 1000.0)
         self.service.warm_up(options.max_batch)
-        gc.freeze()  # the replica's start-up objects leave the collector: no 100+ ms full collections under load
         self.ready = True
 
     async def infer_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
