@@ -76,6 +76,8 @@ class Row:
     latencies: list[float]
     failures: int = 0
     cpu_ms: dict[str, float] | None = None
+    engine_batch: float | None = None
+    """Mean images per engine call of the served replica (one-replica rows; from ``GET /healthz``)."""
 
     def line(self) -> str:
         lat = sorted(self.latencies) or [float("nan")]
@@ -177,6 +179,26 @@ def bodies(size: int, images: int, dtypes: list[str]) -> tuple[dict[str, bytes],
     return npys, png.getvalue()
 
 
+def engine_counts(port: int) -> tuple[int, int]:
+    """``(calls, images)`` of the replica answering ``GET /healthz``: its batched engine calls so far."""
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/healthz")
+    engine = json.loads(conn.getresponse().read())["replica"]["engine"]
+    conn.close()
+    return engine["calls"], engine["images"]
+
+
+def with_engine_batch(port: int, measure) -> Row:
+    """``measure()``'s row with the mean engine batch over it (call with one replica only)."""
+    calls0, images0 = engine_counts(port)
+    row = measure()
+    calls1, images1 = engine_counts(port)
+    row.engine_batch = (images1 - images0) / max(1, calls1 - calls0)
+    return row
+
+
 def served_rows(model: Path, replicas: int, args: argparse.Namespace, port: int) -> list[Row]:
     from ray import serve
 
@@ -189,12 +211,14 @@ def served_rows(model: Path, replicas: int, args: argparse.Namespace, port: int)
     try:
         closed_loop(port, "/v1/infer", npys[args.dtypes[0]], args.images, args.clients, 2.0, 10**6, "warm-up")
         label = f"{replicas} replica{'s' if replicas > 1 else ''}"
-        return [
-            *(closed_loop(port, "/v1/infer", npy, args.images, args.clients, args.seconds, args.max_requests,
-                          f"serve {label}, /v1/infer {args.images} {dtype}/req") for dtype, npy in npys.items()),
-            closed_loop(port, "/v1/detect", png, 1, args.clients, args.seconds, args.max_requests,
-                        f"serve {label}, /v1/detect 1 PNG/req"),
-        ]
+
+        def load(path: str, body: bytes, per_request: int, name: str) -> Row:
+            run = lambda: closed_loop(port, path, body, per_request, args.clients, args.seconds,  # noqa: E731
+                                      args.max_requests, f"serve {label}, {name}")
+            return with_engine_batch(port, run) if replicas == 1 else run()
+
+        return [*(load("/v1/infer", npy, args.images, f"/v1/infer {args.images} {dtype}/req") for dtype, npy in npys.items()),
+                load("/v1/detect", png, 1, "/v1/detect 1 PNG/req")]
     finally:
         serve.shutdown()
 
@@ -244,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCPU ms per image ({', '.join(ROLES)}; total over the machine's cores):")
         for row in served:
             parts = "  ".join(f"{k} {v:.2f}" for k, v in row.cpu_ms.items())
-            print(f"  {row.name:<38} {parts}  total {sum(row.cpu_ms.values()):.2f}")
+            batch = f"  (engine batch {row.engine_batch:.1f} images)" if row.engine_batch is not None else ""
+            print(f"  {row.name:<38} {parts}  total {sum(row.cpu_ms.values()):.2f}{batch}")
     for one in (r for r in rows if r.name.startswith("serve 1 replica,") and "/v1/infer" in r.name):
         share = (one.images / one.seconds) / (rows[0].images / rows[0].seconds)
         p99 = sorted(one.latencies)[int(round(0.99 * (len(one.latencies) - 1)))] if one.latencies else float("nan")

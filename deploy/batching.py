@@ -60,7 +60,8 @@ class EngineBatcher:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.calls = 0
-        """Engine calls made so far (operations and tests)."""
+        """Engine calls made so far; ``rows``: rows they ran (``rows / calls``: the mean batch)."""
+        self.rows = 0
         self._queue: deque[_Part] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lipdet-engine")
         self._arrival: asyncio.Event | None = None
@@ -110,6 +111,7 @@ class EngineBatcher:
     async def _run(self, batch: list[_Part]) -> None:
         """One engine call on the worker thread; each part's future gets its own rows (or the error)."""
         self.calls += 1
+        self.rows += sum(len(p.images) for p in batch)
         try:
             outs = await asyncio.get_running_loop().run_in_executor(
                 self._worker, self.engine, torch.cat([p.images for p in batch]))

@@ -15,8 +15,9 @@ Endpoints (the Ray Serve deployment in :mod:`lipdet.deploy.serve` routes them he
   ``certificate``: the per-detection radius's definition and per-scale bounds (None without a card).
 * ``GET /v1/model/onnx``: the bytes of the served model's ONNX twin (the ``.onnx`` itself, or a
   plan's source ONNX), for gradient attacks through ``lipdet eval --pgd``.
-* ``GET /healthz``: 200 ``{"status": "ready", "replica": {"pid", "host"}}`` once the engine answered a
-  warm-up batch, else 503 (``replica`` names the replica that answered).
+* ``GET /healthz``: 200 ``{"status": "ready", "replica": {"pid", "host", "engine": {"calls", "images"}}}`` once
+  the engine answered a warm-up batch, else 503 (``replica`` names the replica that answered; ``engine`` counts
+  its batched engine calls and the images they ran since start: ``images / calls`` is its mean batch).
 
 Errors are JSON ``{"error": "<one line>"}`` with a 4xx status for anything the client sent.
 """

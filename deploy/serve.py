@@ -232,7 +232,8 @@ class DetectorServer:
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
-        replica = {"pid": os.getpid(), "host": socket.gethostname()}  # which replica answered (operations)
+        replica = {"pid": os.getpid(), "host": socket.gethostname(),  # which replica answered (operations)
+                   "engine": {"calls": self.engine.calls, "images": self.engine.rows}}
         if not self.ready:
             return JSONResponse({"status": "warming up", "replica": replica}, status_code=503)
         return {"status": "ready", "replica": replica}

@@ -9,6 +9,7 @@ and every request gets back exactly its own rows: the numbers the same file give
 from __future__ import annotations
 
 import io
+import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,6 +55,7 @@ def test_large_and_concurrent_requests_get_their_own_rows(batched_server):
     s = backend.input_size
     gen = torch.Generator().manual_seed(0)
     parts = [torch.rand(n, 3, s, s, generator=gen) for n in (10, 3, 1, 4, 7)]
+    before = engine_counts(batched_server)
     for _ in range(2):  # the second round meets a warm replica: other batch compositions
         with ThreadPoolExecutor(len(parts)) as pool:
             answers = list(pool.map(lambda x: post_infer(batched_server, x), parts))
@@ -62,6 +64,16 @@ def test_large_and_concurrent_requests_get_their_own_rows(batched_server):
             assert loc.shape == ref_loc.shape and logits.shape == ref_logits.shape
             torch.testing.assert_close(loc, ref_loc, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    calls, images = (b - a for a, b in zip(before, engine_counts(batched_server)))
+    assert images == 2 * 25  # every image ran once; no batch over MAX_BATCH, so at least 7 calls per round
+    assert 2 * 7 <= calls <= 2 * 8  # 8 parts per round (10 -> 4 + 4 + 2, 7 -> 4 + 3)
+
+
+def engine_counts(url: str) -> tuple[int, int]:
+    """The replica's engine calls and images so far, from ``GET /healthz``."""
+    with urllib.request.urlopen(f"{url}/healthz", timeout=TIMEOUT) as r:
+        engine = json.loads(r.read())["replica"]["engine"]
+    return engine["calls"], engine["images"]
 
 
 def test_uint8_frames_are_pixels_over_255(batched_server):
