@@ -48,7 +48,8 @@ def command(
         "latest run's model.onnx.", show_default=False),
     replicas: int = typer.Option(1, "--replicas", help="Ray Serve replicas, one CPU (or GPU) each."),
     max_batch: int = typer.Option(64, "--max-batch", help="Most images per engine call (dynamic batching)."),
-    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Longest wait for a batch to fill (ms)."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Longest wait of the oldest queued request "
+                                        "for a batch to fill, while the engine is free (ms)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP proxy listens on (0.0.0.0: all)."),
     port: int = typer.Option(8000, "--port", help="HTTP port."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (HOST:6379, ray://HOST:10001; "
