@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import io
 import os
@@ -179,22 +180,14 @@ def bodies(size: int, images: int, dtypes: list[str]) -> tuple[dict[str, bytes],
     return npys, png.getvalue()
 
 
-def engine_counts(port: int) -> tuple[int, int]:
-    """``(calls, images)`` of the replica answering ``GET /healthz``: its batched engine calls so far."""
-    import json
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/healthz")
-    engine = json.loads(conn.getresponse().read())["replica"]["engine"]
-    conn.close()
-    return engine["calls"], engine["images"]
-
-
 def with_engine_batch(port: int, measure) -> Row:
     """``measure()``'s row with the mean engine batch over it (call with one replica only)."""
-    calls0, images0 = engine_counts(port)
+    from lipdet.deploy.http_backend import engine_counts
+
+    url = f"http://127.0.0.1:{port}"
+    calls0, images0 = engine_counts(url)
     row = measure()
-    calls1, images1 = engine_counts(port)
+    calls1, images1 = engine_counts(url)
     row.engine_batch = (images1 - images0) / max(1, calls1 - calls0)
     return row
 
@@ -213,8 +206,8 @@ def served_rows(model: Path, replicas: int, args: argparse.Namespace, port: int)
         label = f"{replicas} replica{'s' if replicas > 1 else ''}"
 
         def load(path: str, body: bytes, per_request: int, name: str) -> Row:
-            run = lambda: closed_loop(port, path, body, per_request, args.clients, args.seconds,  # noqa: E731
-                                      args.max_requests, f"serve {label}, {name}")
+            run = functools.partial(closed_loop, port, path, body, per_request, args.clients, args.seconds,
+                                    args.max_requests, f"serve {label}, {name}")
             return with_engine_batch(port, run) if replicas == 1 else run()
 
         return [*(load("/v1/infer", npy, args.images, f"/v1/infer {args.images} {dtype}/req") for dtype, npy in npys.items()),

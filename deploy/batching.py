@@ -110,12 +110,13 @@ class EngineBatcher:
 
     async def _run(self, batch: list[_Part]) -> None:
         """One engine call on the worker thread; each part's future gets its own rows (or the error)."""
+        sizes = [len(p.images) for p in batch]
         self.calls += 1
-        self.rows += sum(len(p.images) for p in batch)
+        self.rows += sum(sizes)
         try:
             outs = await asyncio.get_running_loop().run_in_executor(
                 self._worker, self.engine, torch.cat([p.images for p in batch]))
-            rows = zip(*(out.split([len(p.images) for p in batch]) for out in outs))
+            rows = zip(*(out.split(sizes) for out in outs))
             for part, own in zip(batch, rows):
                 if not part.future.done():
                     part.future.set_result(own)

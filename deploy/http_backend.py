@@ -66,6 +66,13 @@ def http_request(url: str, data: bytes | None = None, content_type: str | None =
     raise LipdetError(f"{url}: {last}")
 
 
+def engine_counts(url: str, timeout: float = 30.0) -> tuple[int, int]:
+    """``(calls, images)`` of the replica answering ``GET {url}/healthz``: its batched engine calls so far and
+    the images they ran (``images / calls``: its mean batch)."""
+    engine = json.loads(http_request(f"{url.rstrip('/')}/healthz", timeout=timeout))["replica"]["engine"]
+    return engine["calls"], engine["images"]
+
+
 def _error_text(body: bytes) -> str:
     try:
         return str(json.loads(body)["error"])

@@ -9,7 +9,6 @@ and every request gets back exactly its own rows: the numbers the same file give
 from __future__ import annotations
 
 import io
-import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from lipdet.deploy.http_api import NPY_TYPE, read_outputs
+from lipdet.deploy.http_backend import engine_counts
 from test_serve import FIXTURES, TIMEOUT, free_port
 
 MAX_BATCH = 4
@@ -67,13 +67,6 @@ def test_large_and_concurrent_requests_get_their_own_rows(batched_server):
     calls, images = (b - a for a, b in zip(before, engine_counts(batched_server)))
     assert images == 2 * 25  # every image ran once; no batch over MAX_BATCH, so at least 7 calls per round
     assert 2 * 7 <= calls <= 2 * 8  # 8 parts per round (10 -> 4 + 4 + 2, 7 -> 4 + 3)
-
-
-def engine_counts(url: str) -> tuple[int, int]:
-    """The replica's engine calls and images so far, from ``GET /healthz``."""
-    with urllib.request.urlopen(f"{url}/healthz", timeout=TIMEOUT) as r:
-        engine = json.loads(r.read())["replica"]["engine"]
-    return engine["calls"], engine["images"]
 
 
 def test_uint8_frames_are_pixels_over_255(batched_server):
