@@ -432,7 +432,8 @@ def test_cli_refuses_before_ray_or_files(exported, tmp_path, fresh, capsys):
     assert line == f"error: port {port} on 127.0.0.1 is in use: choose another with --port"
     for argv, words in [([str(tmp_path / "missing.onnx")], "model not found"), ([str(corrupt)], "corrupt.onnx"),
                         ([str(exported.with_suffix(".pt"))], "lipdet export"), ([], "no training run"),
-                        ([str(exported), "--replicas", "0"], "--replicas")] + no_cuda:
+                        ([str(exported), "--replicas", "0"], "--replicas"), ([str(exported), "--max-batch", "0"], "--max-batch"),
+                        ([str(exported), "--batch-wait-ms", "-1"], "--batch-wait-ms")] + no_cuda:
         assert words in _refused(["serve", *argv, "--port", str(free_port())], fresh, capsys)
     nobody = f"http://127.0.0.1:{free_port()}"
     assert "Connection refused" in _refused(["eval", nobody, "--no-progress"], fresh, capsys)
